@@ -3,10 +3,25 @@
 DP-SGD that clips and noises only the parameters being trained (parameter
 freezing / pre-pruning and parameter selection / gradient dropping, Adamczewski
 & Park 2023), on TensorFlow / Keras 2 with TF Privacy.
+
+```python
+import tfdpprune as tdp
+keras = tdp.keras                      # tf_keras (Keras 2)
+model = tdp.prune(model)               # fast per-example gradients, masks
+opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
+                                    learning_rate=0.1, momentum=0.9)
+```
 """
 
 from tfdpprune._compat import keras
 from tfdpprune import accounting
+from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+from tfdpprune.pruning import prune
+from tfdpprune.pruning import PruneWrapper
+from tfdpprune.pruning import strip
 
-__all__ = ["keras", "accounting"]
+__all__ = [
+    "keras", "accounting", "MaskedDPKerasSGDOptimizer", "prune",
+    "PruneWrapper", "strip",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,204 @@
+"""Fast per-example gradients (captured activations) vs a one-example loop."""
+
+import numpy as np
+import pytest
+
+import tfdpprune as tdp
+from tfdpprune import per_example
+from tfdpprune import pruning
+from tfdpprune._compat import tf
+
+keras = tdp.keras
+B = 5
+
+
+def _loss_fn():
+  return keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=keras.losses.Reduction.NONE)
+
+
+def _loop_gradients(model, x, y, variables):
+  """Reference: each example's gradient on its own (batch of one)."""
+  loss_fn = _loss_fn()
+  out = []
+  for i in range(x.shape[0]):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(loss_fn(y[i:i + 1], model(x[i:i + 1])))
+    grads = tape.gradient(loss, variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    out.append([tf.convert_to_tensor(g).numpy() for g in grads])
+  return out
+
+
+def _fast_gradients(model, x, y, masks=None):
+  """Per-example gradients from the samplers: sum_fn(one_hot(i)) = g_i."""
+  masks = masks or {}
+  loss_fn = _loss_fn()
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(loss_fn(y, model(x)))
+  owners = pruning.wrappers(model)
+  caps = [(o, o.captures(None)[-1]) for o in owners if o.roles()]
+  deltas = tape.gradient(loss, [c.outputs for _, c in caps])
+  per_var, sq_total = {}, np.zeros(x.shape[0])
+  for (owner, cap), delta in zip(caps, deltas):
+    specs = {r: per_example.MaskSpec(masks.get(v.ref()))
+             if v.ref() in masks else per_example.MaskSpec(None)
+             for r, v in owner.roles().items()}
+    sq, sum_fn = owner.sampler.per_example(owner.layer, [(cap, delta)], specs)
+    sq_total += sq.numpy()
+    for i in range(x.shape[0]):
+      onehot = tf.one_hot(i, x.shape[0])
+      for role, g in sum_fn(onehot).items():
+        per_var.setdefault(owner.roles()[role].ref(), []).append(g.numpy())
+  return per_var, sq_total
+
+
+def _check(model, x, y, masks=None, rtol=1e-4, atol=1e-5):
+  pm = tdp.prune(model)
+  assert any(isinstance(l, tdp.PruneWrapper) for l in pm.layers)
+  variables = pm.trainable_variables
+  ref = _loop_gradients(pm, x, y, variables)
+  fast, sq = _fast_gradients(pm, x, y, masks)
+  expected_sq = np.zeros(x.shape[0])
+  for j, v in enumerate(variables):
+    assert v.ref() in fast, f"{v.name} not covered by the fast path"
+    m = masks.get(v.ref(), 1.0) if masks else 1.0
+    for i in range(x.shape[0]):
+      np.testing.assert_allclose(fast[v.ref()][i], ref[i][j] * m, rtol=rtol,
+                                 atol=atol, err_msg=v.name)
+      expected_sq[i] += np.sum((ref[i][j] * m) ** 2)
+  np.testing.assert_allclose(sq, expected_sq, rtol=1e-3, atol=1e-6)
+
+
+def _data(shape, classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(B,) + shape).astype("float32"),
+          rng.integers(0, classes, size=B))
+
+
+def test_dense_flat_matches_loop():
+  tf.random.set_seed(1)
+  model = keras.Sequential([keras.Input((6,)),
+                            keras.layers.Dense(4, activation="tanh"),
+                            keras.layers.Dense(3)])
+  _check(model, *_data((6,)))
+
+
+def test_dense_on_sequences_matches_loop():
+  tf.random.set_seed(2)
+  model = keras.Sequential([keras.Input((4, 6)),
+                            keras.layers.Dense(5, activation="relu"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+  _check(model, *_data((4, 6)))
+
+
+@pytest.mark.parametrize("padding,strides,dilation", [
+    ("same", 2, 1), ("valid", 1, 1), ("valid", 1, 2), ("same", 1, 1)])
+def test_conv2d_matches_loop(padding, strides, dilation):
+  tf.random.set_seed(3)
+  model = keras.Sequential([
+      keras.Input((7, 7, 2)),
+      keras.layers.Conv2D(3, 3, strides=strides, padding=padding,
+                          dilation_rate=dilation, activation="relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  _check(model, *_data((7, 7, 2)))
+
+
+def test_conv2d_ghost_norm_path_matches_loop():
+  # Few positions, wide kernel: the ghost norm is cheaper and gets chosen.
+  tf.random.set_seed(4)
+  model = keras.Sequential([
+      keras.Input((4, 4, 8)),
+      keras.layers.Conv2D(16, 3, strides=2, padding="valid"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  _check(model, *_data((4, 4, 8)))
+
+
+@pytest.mark.parametrize("padding", ["same", "causal", "valid"])
+def test_conv1d_matches_loop(padding):
+  tf.random.set_seed(5)
+  model = keras.Sequential([
+      keras.Input((9, 2)),
+      keras.layers.Conv1D(3, 3, padding=padding, activation="relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  _check(model, *_data((9, 2)))
+
+
+def test_depthwise_conv2d_matches_loop():
+  tf.random.set_seed(6)
+  model = keras.Sequential([
+      keras.Input((6, 6, 3)),
+      keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2,
+                                   padding="same", activation="relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  _check(model, *_data((6, 6, 3)))
+
+
+def test_embedding_with_repeated_tokens_matches_loop():
+  tf.random.set_seed(7)
+  model = keras.Sequential([
+      keras.Input((6,), dtype="int32"),
+      keras.layers.Embedding(5, 4),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, size=(B, 6)).astype("int32")  # repeats guaranteed
+  _check(model, x, rng.integers(0, 3, size=B))
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_normalization_scale_matches_loop(norm):
+  tf.random.set_seed(8)
+  layer = (keras.layers.LayerNormalization() if norm == "layer" else
+           keras.layers.GroupNormalization(groups=2))
+  model = keras.Sequential([
+      keras.Input((3, 3, 4)),
+      keras.layers.Conv2D(4, 2, padding="same"), layer,
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  # Non-trivial scale/offset, so their gradients are not degenerate.
+  for v in model.layers[1].trainable_variables:
+    v.assign(np.random.default_rng(1).normal(size=v.shape))
+  _check(model, *_data((3, 3, 4)))
+
+
+def test_wrapped_forward_equals_plain_forward():
+  tf.random.set_seed(9)
+  model = keras.Sequential([
+      keras.Input((5, 5, 2)),
+      keras.layers.Conv2D(3, 3, activation="relu"),
+      keras.layers.LayerNormalization(),
+      keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+  x, _ = _data((5, 5, 2))
+  np.testing.assert_allclose(tdp.prune(model)(x), model(x), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_masked_per_weight_gradients_match_masked_loop():
+  tf.random.set_seed(10)
+  model = keras.Sequential([
+      keras.Input((4, 4, 2)),
+      keras.layers.Conv2D(3, 2, activation="relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  pm = tdp.prune(model)
+  rng = np.random.default_rng(3)
+  masks = {v.ref(): tf.constant(rng.integers(0, 2, v.shape), v.dtype)
+           for v in pm.trainable_variables}
+  x, y = _data((4, 4, 2))
+  ref = _loop_gradients(pm, x, y, pm.trainable_variables)
+  fast, _ = _fast_gradients(pm, x, y, masks)
+  for j, v in enumerate(pm.trainable_variables):
+    for i in range(B):
+      np.testing.assert_allclose(fast[v.ref()][i],
+                                 ref[i][j] * masks[v.ref()].numpy(),
+                                 rtol=1e-4, atol=1e-5)
+
+
+def test_linear_engine_masked_flat_norm_is_exact():
+  # Hand-computed: a = [1, 2], delta = [3, 4], m = [[1, 0], [0, 1]]:
+  # g = a^T delta = [[3, 4], [6, 8]]; g*m = [[3, 0], [0, 8]]; ||.||^2 = 73.
+  a = tf.constant([[[1.0, 2.0]]])
+  d = tf.constant([[[3.0, 4.0]]])
+  m = per_example.MaskSpec(tf.constant([[1.0, 0.0], [0.0, 1.0]]))
+  sq, sum_fn = per_example.linear_engine(a, d, m, (2, 2), positions=1)
+  np.testing.assert_allclose(sq.numpy(), [73.0])
+  np.testing.assert_allclose(sum_fn(tf.constant([0.5])).numpy(),
+                             [[1.5, 0.0], [0.0, 4.0]])

@@ -1,0 +1,487 @@
+"""Per-example gradients and norms over selected variables.
+
+Each supported Keras layer type has a *sampler* (registered by layer class, as
+in Opacus): during the forward pass it records what the layer saw (its input,
+or patches of it, or its normalized input) and its pre-activation output `z`.
+After one backward pass of the summed per-example losses the optimizer has
+`delta = dL/dz`, whose row `i` depends only on example `i`; from `(a, delta)`
+the sampler gives, per layer:
+
+* the squared L2 norm of every example's *masked* gradient (shape `[B]`), and
+* the clipped sum `sum_i c_i * (g_i * m)` for per-example coefficients `c`.
+
+It chooses per layer the cheaper of materializing per-example gradients
+(`einsum`) and "ghost" norms computed without materializing them. Masked
+per-weight kernels materialize (a mask does not factor through the ghost
+identity) except for dense layers on flat inputs, whose masked norm factors as
+`((a*a) @ m) . (delta*delta)`. Output-unit (neuron) masks act on `delta`, so
+they keep ghost norms available.
+
+All functions are pure, batched and loop-free over examples.
+"""
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+
+# Mask structures, from coarsest to finest. A `MaskSpec` with structure
+# `"out"` promises the mask is constant along every axis but the last (an
+# output unit / channel mask); `"scalar"` promises a constant mask. A broken
+# promise only makes clipping conservative: norms are then taken over a
+# superset of the selected coordinates, while updates and noise still use the
+# exact mask.
+NONE, SCALAR, OUT, WEIGHT = "none", "scalar", "out", "weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """The mask of one variable for one step: a full-shape 0/1 tensor or None."""
+  value: Optional[tf.Tensor]
+  structure: str = WEIGHT
+
+  @property
+  def is_full(self):
+    return self.value is None
+
+  def out_vector(self):
+    """The output-unit mask `[N]` (max over all other axes)."""
+    m = self.value
+    return tf.reduce_max(tf.reshape(m, [-1, m.shape[-1]]), axis=0)
+
+  def scalar(self):
+    return tf.reduce_max(self.value)
+
+
+@dataclasses.dataclass
+class Capture:
+  """What one call of a wrapped layer recorded: its inputs and output `z`."""
+  graph: object
+  inputs: tf.Tensor
+  outputs: tf.Tensor
+  extra: object = None
+
+
+# A per-layer result: squared norms `[B]` and `coef [B] -> {role: sum}`.
+LayerResult = Tuple[tf.Tensor, Callable[[tf.Tensor], Dict[str, tf.Tensor]]]
+
+
+def _flatten_positions(t):
+  """`[B, d1, ..., dk, C]` -> `[B, T, C]` with T = d1*...*dk (T=1 if k=0)."""
+  if t.shape.rank == 2:
+    return t[:, tf.newaxis, :]
+  shape = tf.shape(t)
+  return tf.reshape(t, [shape[0], -1, t.shape[-1]])
+
+
+def _positions(t):
+  """Static number of positions T of `[B, ..., C]`, or None if unknown."""
+  dims = t.shape[1:-1]
+  if any(d is None for d in dims):
+    return None
+  out = 1
+  for d in dims:
+    out *= d
+  return out
+
+
+def _apply_out_mask(delta, mask):
+  if mask.is_full or mask.structure not in (OUT, SCALAR):
+    return delta
+  if mask.structure == SCALAR:
+    return delta * tf.cast(mask.scalar(), delta.dtype)
+  return delta * tf.cast(mask.out_vector(), delta.dtype)
+
+
+def linear_engine(a, delta, mask, kernel_shape, positions=None):
+  """Per-example masked norms and clipped sums of `g_i = sum_t a_it (x) d_it`.
+
+  Args:
+    a: `[B, T, K]` layer inputs (or patches).
+    delta: `[B, T, N]` gradients of the summed loss w.r.t. the output.
+    mask: `MaskSpec` of the kernel (reshaped to `[K, N]` internally).
+    kernel_shape: the kernel's shape, `prod(kernel_shape) == K * N`.
+    positions: static T (None if unknown).
+
+  Returns:
+    `(sq_norms [B], coef -> kernel-shaped sum)`.
+  """
+  k, n = a.shape[-1], delta.shape[-1]
+  structured = mask.is_full or mask.structure in (OUT, SCALAR)
+  delta_m = _apply_out_mask(delta, mask) if structured else delta
+  m2 = None if structured else tf.reshape(mask.value, [k, n])
+
+  if positions == 1:
+    a1, d1 = a[:, 0, :], delta_m[:, 0, :]
+    if structured:
+      sq = (tf.reduce_sum(tf.square(a1), axis=1) *
+            tf.reduce_sum(tf.square(d1), axis=1))
+    else:
+      sq = tf.reduce_sum(tf.matmul(tf.square(a1), m2) * tf.square(d1), axis=1)
+
+    def sum_fn(coef):
+      s = tf.matmul(a1, d1 * coef[:, tf.newaxis], transpose_a=True)
+      return tf.reshape(s if m2 is None else s * m2, kernel_shape)
+    return sq, sum_fn
+
+  use_ghost = (structured and positions is not None and
+               positions * positions * (k + n) < positions * k * n)
+  if use_ghost:
+    aa = tf.matmul(a, a, transpose_b=True)            # [B, T, T]
+    dd = tf.matmul(delta_m, delta_m, transpose_b=True)  # [B, T, T]
+    sq = tf.reduce_sum(aa * dd, axis=[1, 2])
+
+    def ghost_sum(coef):
+      s = tf.einsum("btk,btn->kn", a, delta_m * coef[:, tf.newaxis, tf.newaxis])
+      return tf.reshape(s, kernel_shape)
+    return sq, ghost_sum
+
+  g = tf.einsum("btk,btn->bkn", a, delta_m)           # [B, K, N]
+  if m2 is not None:
+    g = g * m2
+  sq = tf.reduce_sum(tf.square(g), axis=[1, 2])
+
+  def materialized_sum(coef):
+    return tf.reshape(tf.einsum("bkn,b->kn", g, coef), kernel_shape)
+  return sq, materialized_sum
+
+
+def materialized_engine(g, mask):
+  """Norms and sums from materialized per-example gradients `g [B, ...]`."""
+  if not mask.is_full:
+    g = g * mask.value
+  axes = list(range(1, g.shape.rank))
+  sq = tf.reduce_sum(tf.square(g), axis=axes) if axes else tf.square(g)
+
+  def sum_fn(coef):
+    return tf.tensordot(coef, g, axes=1)
+  return sq, sum_fn
+
+
+def bias_engine(delta, mask):
+  """Per-example bias gradients `sum_t delta_it`, materialized `[B, N]`."""
+  return materialized_engine(tf.reduce_sum(_flatten_positions(delta), axis=1),
+                             mask)
+
+
+# ---------------------------------------------------------------------------
+# Samplers by layer type.
+# ---------------------------------------------------------------------------
+
+
+class Sampler:
+  """Forward capture and per-example gradients of one Keras layer type."""
+
+  def roles(self, layer) -> Dict[str, tf.Variable]:
+    """The layer's trainable variables by role ("kernel", "bias", ...)."""
+    raise NotImplementedError
+
+  def supports(self, layer) -> Optional[str]:
+    """None if the fast path supports this layer config, else the reason."""
+    del layer
+    return None
+
+  def forward(self, layer, inputs, **kwargs):
+    """Returns `(outputs, a, z)`: layer output, recorded input, pre-act out."""
+    raise NotImplementedError
+
+  def per_example(self, layer, captures: Sequence[Tuple[Capture, tf.Tensor]],
+                  masks: Dict[str, MaskSpec]) -> LayerResult:
+    raise NotImplementedError
+
+
+def _without_activation(layer, inputs, **kwargs):
+  """Calls `layer` with its activation replaced by the identity."""
+  activation = layer.activation
+  object.__setattr__(layer, "activation", keras.activations.linear)
+  try:
+    z = layer.call(inputs, **kwargs)
+  finally:
+    object.__setattr__(layer, "activation", activation)
+  return activation(z), z
+
+
+class _KernelBiasSampler(Sampler):
+  """Dense-like layers: kernel per-example grads from `(a, delta)`."""
+
+  def roles(self, layer):
+    out = {"kernel": layer.kernel}
+    if getattr(layer, "use_bias", False) and layer.bias is not None:
+      out["bias"] = layer.bias
+    return out
+
+  def forward(self, layer, inputs, **kwargs):
+    outputs, z = _without_activation(layer, inputs, **kwargs)
+    return outputs, inputs, z
+
+  def _a(self, layer, inputs):
+    """`[B, T, K]` activations seen by the kernel."""
+    raise NotImplementedError
+
+  def per_example(self, layer, captures, masks):
+    if len(captures) == 1:
+      capture, delta = captures[0]
+      a = self._a(layer, capture.inputs)
+      d = _flatten_positions(delta)
+      positions = _positions(delta) if delta.shape.rank > 2 else 1
+    else:  # a shared layer: concatenate calls along positions, materialize.
+      a = tf.concat([self._a(layer, c.inputs) for c, _ in captures], axis=1)
+      d = tf.concat([_flatten_positions(dl) for _, dl in captures], axis=1)
+      positions = None
+    results = {}
+    if "kernel" in masks:
+      results["kernel"] = linear_engine(
+          a, d, masks["kernel"], layer.kernel.shape, positions)
+    if "bias" in masks:
+      results["bias"] = materialized_engine(
+          tf.reduce_sum(d, axis=1), masks["bias"])
+    return _combine(results)
+
+
+def _combine(results: Dict[str, LayerResult]) -> LayerResult:
+  sq = tf.add_n([r[0] for r in results.values()])
+
+  def sum_fn(coef):
+    return {role: r[1](coef) for role, r in results.items()}
+  return sq, sum_fn
+
+
+class DenseSampler(_KernelBiasSampler):
+
+  def _a(self, layer, inputs):
+    return _flatten_positions(tf.cast(inputs, layer.kernel.dtype))
+
+
+class Conv2DSampler(_KernelBiasSampler):
+  """Conv2D via image patches: `g_i = patches_i^T delta_i`."""
+
+  def supports(self, layer):
+    if layer.data_format != "channels_last":
+      return "data_format channels_first"
+    if getattr(layer, "groups", 1) != 1:
+      return "grouped convolution"
+    return None
+
+  def _a(self, layer, inputs):
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    patches = tf.image.extract_patches(
+        tf.cast(inputs, layer.kernel.dtype), sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+        padding=layer.padding.upper())
+    return _flatten_positions(patches)
+
+
+class Conv1DSampler(_KernelBiasSampler):
+  """Conv1D as a height-1 Conv2D."""
+
+  def supports(self, layer):
+    if layer.data_format != "channels_last":
+      return "data_format channels_first"
+    if getattr(layer, "groups", 1) != 1:
+      return "grouped convolution"
+    return None
+
+  def _a(self, layer, inputs):
+    (k,), (s,), (d,) = layer.kernel_size, layer.strides, layer.dilation_rate
+    x = tf.cast(inputs, layer.kernel.dtype)
+    padding = layer.padding.upper()
+    if padding == "CAUSAL":
+      x = tf.pad(x, [[0, 0], [(k - 1) * d, 0], [0, 0]])
+      padding = "VALID"
+    patches = tf.image.extract_patches(
+        x[:, tf.newaxis], sizes=[1, 1, k, 1], strides=[1, 1, s, 1],
+        rates=[1, 1, d, 1], padding=padding)
+    return _flatten_positions(patches)
+
+
+class DepthwiseConv2DSampler(Sampler):
+  """DepthwiseConv2D: `g_i[k, c, m] = sum_t P_i[t, k, c] delta_i[t, c, m]`."""
+
+  def roles(self, layer):
+    out = {"depthwise_kernel": layer.depthwise_kernel}
+    if layer.use_bias and layer.bias is not None:
+      out["bias"] = layer.bias
+    return out
+
+  def supports(self, layer):
+    if layer.data_format != "channels_last":
+      return "data_format channels_first"
+    return None
+
+  def forward(self, layer, inputs, **kwargs):
+    outputs, z = _without_activation(layer, inputs, **kwargs)
+    return outputs, inputs, z
+
+  def per_example(self, layer, captures, masks):
+    kh, kw, cin, mult = layer.depthwise_kernel.shape
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    a_parts, d_parts = [], []
+    for capture, delta in captures:
+      patches = tf.image.extract_patches(
+          tf.cast(capture.inputs, layer.depthwise_kernel.dtype),
+          sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+          padding=layer.padding.upper())
+      b = tf.shape(patches)[0]
+      a_parts.append(tf.reshape(patches, [b, -1, kh * kw, cin]))
+      d_parts.append(tf.reshape(delta, [b, -1, cin, mult]))
+    a = tf.concat(a_parts, axis=1)
+    d = tf.concat(d_parts, axis=1)
+    results = {}
+    if "depthwise_kernel" in masks:
+      g = tf.einsum("btkc,btcm->bkcm", a, d)
+      g = tf.reshape(g, [-1, kh, kw, cin, mult])
+      results["depthwise_kernel"] = materialized_engine(
+          g, masks["depthwise_kernel"])
+    if "bias" in masks:
+      results["bias"] = materialized_engine(
+          tf.reshape(tf.reduce_sum(d, axis=1), [-1, cin * mult]),
+          masks["bias"])
+    return _combine(results)
+
+
+class EmbeddingSampler(Sampler):
+  """Embedding rows: `||g_i * m||^2 = sum_t sum_d m[id_t, d] d_td S_td`.
+
+  `S = E delta` with `E_tt' = [id_t == id_t']` sums the output gradients of
+  positions that share a token, so repeated tokens are counted exactly.
+  """
+
+  def roles(self, layer):
+    return {"embeddings": layer.embeddings}
+
+  def forward(self, layer, inputs, **kwargs):
+    z = layer.call(inputs, **kwargs)
+    return z, inputs, z
+
+  def per_example(self, layer, captures, masks):
+    vocab, dim = layer.embeddings.shape
+    ids = tf.concat([tf.reshape(tf.cast(c.inputs, tf.int32),
+                                [tf.shape(c.inputs)[0], -1])
+                     for c, _ in captures], axis=1)          # [B, T]
+    d = tf.concat([tf.reshape(dl, [tf.shape(dl)[0], -1, dim])
+                   for _, dl in captures], axis=1)           # [B, T, D]
+    d = tf.cast(d, layer.embeddings.dtype)
+    mask = masks["embeddings"]
+    same = tf.cast(tf.equal(ids[:, :, tf.newaxis], ids[:, tf.newaxis, :]),
+                   d.dtype)                                   # [B, T, T]
+    s = tf.matmul(same, d)                                    # [B, T, D]
+    prod = d * s
+    if not mask.is_full:
+      prod = prod * tf.gather(mask.value, ids)
+    sq = tf.reduce_sum(prod, axis=[1, 2])
+
+    def sum_fn(coef):
+      weighted = d * coef[:, tf.newaxis, tf.newaxis]
+      total = tf.math.unsorted_segment_sum(
+          tf.reshape(weighted, [-1, dim]), tf.reshape(ids, [-1]), vocab)
+      return {"embeddings": total if mask.is_full else total * mask.value}
+    return sq, sum_fn
+
+
+class AffineNormSampler(Sampler):
+  """LayerNormalization / GroupNormalization scale (gamma) and offset (beta).
+
+  The layer runs with its affine part switched off to give `x_hat`; the
+  wrapper then applies `x_hat * gamma + beta` itself, so
+  `g_gamma_i = sum(x_hat_i * delta_i)` and `g_beta_i = sum(delta_i)` over the
+  non-parameter axes.
+  """
+
+  def roles(self, layer):
+    out = {}
+    if getattr(layer, "scale", False) and layer.gamma is not None:
+      out["gamma"] = layer.gamma
+    if getattr(layer, "center", False) and layer.beta is not None:
+      out["beta"] = layer.beta
+    return out
+
+  def _param_axes(self, layer, rank):
+    axis = layer.axis
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(a % rank for a in axes)
+
+  def forward(self, layer, inputs, **kwargs):
+    saved = {k: layer.__dict__[k] for k in ("gamma", "beta", "scale", "center")
+             if k in layer.__dict__}
+    for k in ("gamma", "beta"):
+      object.__setattr__(layer, k, None)
+    for k in ("scale", "center"):
+      object.__setattr__(layer, k, False)
+    try:
+      x_hat = layer.call(inputs, **kwargs)
+    finally:
+      for k, v in saved.items():
+        object.__setattr__(layer, k, v)
+    rank = x_hat.shape.rank
+    shape = [1] * rank
+    for a in self._param_axes(layer, rank):
+      shape[a] = x_hat.shape[a]
+    y = x_hat
+    if layer.scale and layer.gamma is not None:
+      y = y * tf.reshape(tf.cast(layer.gamma, y.dtype), shape)
+    if layer.center and layer.beta is not None:
+      y = y + tf.reshape(tf.cast(layer.beta, y.dtype), shape)
+    return y, x_hat, y
+
+  def per_example(self, layer, captures, masks):
+    g_gamma, g_beta = [], []
+    for capture, delta in captures:
+      rank = delta.shape.rank
+      keep = self._param_axes(layer, rank)
+      reduce_axes = [a for a in range(1, rank) if a not in keep]
+      b = tf.shape(delta)[0]
+      if "gamma" in masks:
+        g = tf.reduce_sum(capture.inputs * delta, axis=reduce_axes)
+        g_gamma.append(tf.reshape(g, [b] + list(layer.gamma.shape)))
+      if "beta" in masks:
+        g = tf.reduce_sum(delta, axis=reduce_axes)
+        g_beta.append(tf.reshape(g, [b] + list(layer.beta.shape)))
+    results = {}
+    if g_gamma:
+      results["gamma"] = materialized_engine(tf.add_n(g_gamma), masks["gamma"])
+    if g_beta:
+      results["beta"] = materialized_engine(tf.add_n(g_beta), masks["beta"])
+    return _combine(results)
+
+
+_SAMPLERS: List[Tuple[type, Sampler]] = []
+
+
+def register_sampler(layer_class: type, sampler: Sampler) -> None:
+  """Registers the sampler of a Keras layer class (exact class match)."""
+  if any(cls is layer_class for cls, _ in _SAMPLERS):
+    raise ValueError(f"a sampler for {layer_class.__name__} is registered")
+  _SAMPLERS.append((layer_class, sampler))
+
+
+def sampler_for(layer) -> Optional[Sampler]:
+  """The sampler of `layer`'s exact class, or None if unsupported."""
+  for cls, sampler in _SAMPLERS:
+    if type(layer) is cls:  # pylint: disable=unidiomatic-typecheck
+      return sampler
+  return None
+
+
+register_sampler(keras.layers.Dense, DenseSampler())
+register_sampler(keras.layers.Conv2D, Conv2DSampler())
+register_sampler(keras.layers.Conv1D, Conv1DSampler())
+register_sampler(keras.layers.DepthwiseConv2D, DepthwiseConv2DSampler())
+register_sampler(keras.layers.Embedding, EmbeddingSampler())
+register_sampler(keras.layers.LayerNormalization, AffineNormSampler())
+register_sampler(keras.layers.GroupNormalization, AffineNormSampler())
+
+
+# ---------------------------------------------------------------------------
+# Generic vectorized fallback.
+# ---------------------------------------------------------------------------
+
+
+def jacobian_per_example(tape, per_example_loss, variables):
+  """Per-example gradients `[B, *var.shape]` of any model (pfor-vectorized)."""
+  return tape.jacobian(per_example_loss, variables,
+                       unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                       experimental_use_pfor=True)

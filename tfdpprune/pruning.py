@@ -1,0 +1,283 @@
+"""Pruning wrappers (tfmot-style), the variable -> wrapper lookup, prune/strip.
+
+`prune(model)` wraps every supported layer of a Sequential or functional
+model in a `PruneWrapper`. The wrapper owns the *same* layer (same variable
+objects), records what the layer saw in the forward pass so the optimizer can
+compute per-example gradients layer by layer (see `per_example.py`), and
+holds the layer's masks as non-trainable variables created in `build`, so
+checkpoints and `model.save` carry them.
+
+Masks gate updates, not the forward pass: a coordinate with mask 0 is not
+clipped, noised or moved by the DP optimizer. Two masks per variable can be
+active, a *freeze* mask (fixed for the run: pre-pruning / parameter
+freezing) and a *select* mask (re-drawn in graph every k steps: parameter
+selection); the updated set is their product.
+"""
+
+import inspect
+import weakref
+from typing import Dict, Optional, Sequence
+
+from tfdpprune import per_example
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+
+# Variable ref -> the wrapper that owns it. A registry (weak values, so a
+# dropped model leaves nothing behind), used by the optimizer to find the fast
+# per-example path of a variable.
+_OWNER = weakref.WeakValueDictionary()
+
+_MAX_CAPTURES = 16  # calls recorded per layer and graph (shared layers).
+
+
+def wrapper_of(var) -> Optional["PruneWrapper"]:
+  """The `PruneWrapper` owning variable `var`, or None."""
+  return _OWNER.get(var.ref())
+
+
+class _CaptureBuffer:
+  """Per-wrapper record of the calls in the graph being traced.
+
+  A plain object (not a list attribute) so Keras does not track its tensors.
+  Only captures from the current graph (or, eagerly, the latest calls) are
+  kept; the optimizer further keeps only those connected to the loss.
+  """
+
+  def __init__(self):
+    self.items = []
+
+  def add(self, capture):
+    if self.items and self.items[-1].graph is not capture.graph:
+      self.items = []
+    self.items.append(capture)
+    del self.items[:-_MAX_CAPTURES]
+
+  def for_graph(self, graph):
+    return [c for c in self.items if c.graph is graph]
+
+
+def _current_graph():
+  if tf.executing_eagerly():
+    return None
+  return tf.compat.v1.get_default_graph()
+
+
+@keras.saving.register_keras_serializable(package="tfdpprune")
+class PruneWrapper(keras.layers.Wrapper):
+  """Wraps a supported layer for DP per-example gradients and masks.
+
+  Args:
+    layer: a Dense, Conv1D, Conv2D, DepthwiseConv2D, Embedding,
+      LayerNormalization or GroupNormalization layer.
+    freeze_roles: roles of the variables (e.g. "kernel") that get a freeze
+      mask; masks start all ones (everything updated).
+    select_roles: roles that get a select mask (re-drawn during training).
+    mask_structure: what the masks promise: "weight" (any 0/1 pattern),
+      "neuron" (constant along all axes but the output axis) or "layer"
+      (all zeros or all ones); coarser structures allow cheaper clipping.
+  """
+
+  def __init__(self, layer, freeze_roles: Sequence[str] = (),
+               select_roles: Sequence[str] = (), mask_structure="weight",
+               **kwargs):
+    if per_example.sampler_for(layer) is None:
+      raise ValueError(
+          f"PruneWrapper does not support {type(layer).__name__} layers "
+          f"(layer {layer.name!r}); supported: {supported_layer_names()}.")
+    if mask_structure not in _STRUCTURES:
+      raise ValueError(f"mask_structure={mask_structure!r} must be one of "
+                       f"{sorted(_STRUCTURES)}")
+    kwargs.setdefault("name", f"prune_{layer.name}")
+    super().__init__(layer, **kwargs)
+    self.freeze_roles = tuple(freeze_roles)
+    self.select_roles = tuple(select_roles)
+    self.mask_structure = mask_structure
+    self.sampler = per_example.sampler_for(layer)
+    self.freeze_masks: Dict[str, tf.Variable] = {}
+    self.select_masks: Dict[str, tf.Variable] = {}
+    object.__setattr__(self, "_captures", _CaptureBuffer())
+    object.__setattr__(self, "_call_args", frozenset(
+        inspect.signature(layer.call).parameters))
+    # Set by the pruning strategies (`masks.py`): redraws select masks.
+    object.__setattr__(self, "selector", None)
+
+  def build(self, input_shape):
+    if not self.layer.built:
+      self.layer.build(input_shape)
+    super().build(input_shape)
+    roles = self.roles()
+    for role in set(self.freeze_roles) | set(self.select_roles):
+      if role not in roles:
+        raise ValueError(f"layer {self.layer.name!r} has no trainable "
+                         f"variable {role!r}; it has {sorted(roles)}")
+    for kind, names, store in (("freeze", self.freeze_roles,
+                                self.freeze_masks),
+                               ("select", self.select_roles,
+                                self.select_masks)):
+      for role in names:
+        var = roles[role]
+        store[role] = self.add_weight(
+            name=f"{role}_{kind}_mask", shape=var.shape, dtype=var.dtype,
+            initializer="ones", trainable=False,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    for var in roles.values():
+      _OWNER[var.ref()] = self
+
+  def roles(self) -> Dict[str, tf.Variable]:
+    """The wrapped layer's trainable variables by role."""
+    if not self.layer.trainable:
+      return {}
+    return self.sampler.roles(self.layer)
+
+  def role_of(self, var) -> Optional[str]:
+    for role, v in self.roles().items():
+      if v is var:
+        return role
+    return None
+
+  @tf.autograph.experimental.do_not_convert
+  def call(self, inputs, **kwargs):
+    accepted = self._call_args
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    outputs, a, z = self.sampler.forward(self.layer, inputs, **kwargs)
+    self._captures.add(per_example.Capture(_current_graph(), a, z))
+    return outputs
+
+  def captures(self, graph):
+    """The calls recorded in `graph` (None: eager)."""
+    return self._captures.for_graph(graph)
+
+  def mask(self, role) -> Optional[tf.Tensor]:
+    """The combined (freeze * select) mask tensor of `role`, or None."""
+    parts = [store[role] for store in (self.freeze_masks, self.select_masks)
+             if role in store]
+    if not parts:
+      return None
+    out = tf.convert_to_tensor(parts[0])
+    for p in parts[1:]:
+      out = out * p
+    return out
+
+  def statically_frozen(self, role) -> bool:
+    """Whether the freeze mask of `role` is all zero (read at trace time).
+
+    Freeze masks are fixed for a run, so a variable frozen entirely is left
+    out of the per-example computation and its backward pass. Changing a
+    freeze mask afterwards needs a new `model.compile` (a fresh trace).
+    """
+    var = self.freeze_masks.get(role)
+    if var is None:
+      return False
+    with tf.init_scope():
+      return not bool(tf.reduce_any(var != 0).numpy())
+
+  def structure(self):
+    return _STRUCTURES[self.mask_structure]
+
+  def compute_output_shape(self, input_shape):
+    return self.layer.compute_output_shape(input_shape)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(freeze_roles=list(self.freeze_roles),
+                  select_roles=list(self.select_roles),
+                  mask_structure=self.mask_structure)
+    return config
+
+
+_STRUCTURES = {"weight": per_example.WEIGHT, "neuron": per_example.OUT,
+               "layer": per_example.SCALAR}
+
+
+def supported_layer_names():
+  return sorted(cls.__name__ for cls, _ in per_example._SAMPLERS)  # pylint: disable=protected-access
+
+
+def check_layer(layer) -> None:
+  """Refuses layers that break per-example DP (BatchNorm, weight penalties)."""
+  if isinstance(layer, keras.layers.BatchNormalization):
+    raise ValueError(
+        f"layer {layer.name!r} is BatchNormalization: it mixes the examples "
+        "of a batch, so per-example gradients (and DP-SGD's sensitivity "
+        "bound) are undefined. Use GroupNormalization or LayerNormalization.")
+  for attr in ("kernel_regularizer", "bias_regularizer",
+               "embeddings_regularizer", "depthwise_regularizer",
+               "gamma_regularizer", "beta_regularizer"):
+    if getattr(layer, attr, None) is not None:
+      raise ValueError(
+          f"layer {layer.name!r} has a {attr}: weight penalties are not "
+          "per-example losses and are not supported under DP; use the "
+          "optimizer's weight decay instead.")
+
+
+def _wrap_model(model, wrap_fn):
+  if not (isinstance(model, keras.Sequential) or
+          getattr(model, "_is_graph_network", False)):
+    raise ValueError(
+        "tdp.prune supports Sequential and functional Keras models; got a "
+        f"subclassed {type(model).__name__}. The DP optimizer still works on "
+        "it through its (slower) vectorized fallback.")
+  for layer in model.layers:
+    check_layer(layer)
+  return keras.models.clone_model(model, clone_function=wrap_fn)
+
+
+def wrap(model, make_wrapper=None):
+  """Wraps every supported layer of `model`; other layers are reused as is.
+
+  Args:
+    model: a built Sequential or functional `tf_keras` model.
+    make_wrapper: `layer -> PruneWrapper`, by default an unmasked wrapper.
+
+  Returns:
+    A new model over the same layers and variable objects.
+  """
+  make_wrapper = make_wrapper or PruneWrapper
+
+  def clone(layer):
+    if isinstance(layer, PruneWrapper):
+      return layer
+    sampler = per_example.sampler_for(layer)
+    if sampler is None or sampler.supports(layer) is not None:
+      return layer
+    return make_wrapper(layer)
+
+  return _wrap_model(model, clone)
+
+
+def strip(model):
+  """A plain Keras model: wrappers removed, same layers and final weights.
+
+  Masks gate updates, not the forward pass, so predictions are identical;
+  the result is ready for `model.save` or SavedModel export.
+  """
+  def unwrap(layer):
+    return layer.layer if isinstance(layer, PruneWrapper) else layer
+  return keras.models.clone_model(model, clone_function=unwrap)
+
+
+def wrappers(model):
+  """The `PruneWrapper` layers of `model`, in order."""
+  return [l for l in model.layers if isinstance(l, PruneWrapper)]
+
+
+def prune(model, config=None, *, public_data=None):
+  """Prepares `model` for masked DP training; returns the wrapped model.
+
+  Args:
+    model: a built Sequential or functional `tf_keras` model.
+    config: a `PruneConfig` (freeze or select masks); None only wraps the
+      layers for fast per-example gradients, with every coordinate trained.
+    public_data: public examples for the public-data mask methods; never the
+      private training data.
+
+  Returns:
+    A model over the same variable objects, with `PruneWrapper` layers.
+  """
+  if config is None:
+    if public_data is not None:
+      raise ValueError("public_data is only used with a PruneConfig whose "
+                       "method is public_gradient or public_saliency")
+    return wrap(model)
+  from tfdpprune import masks  # pylint: disable=g-import-not-at-top
+  return masks.apply_config(model, config, public_data=public_data)
