@@ -1,0 +1,284 @@
+"""MaskedDPKerasSGDOptimizer: the privacy mechanics and the Keras contract."""
+
+import numpy as np
+import pytest
+
+import tfdpprune as tdp
+from tfdpprune import per_example
+from tfdpprune._compat import dp_optimizer_keras
+from tfdpprune._compat import tf
+
+keras = tdp.keras
+
+
+def _xent():
+  return keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=keras.losses.Reduction.NONE)
+
+
+def _mse():
+  return keras.losses.MeanSquaredError(reduction=keras.losses.Reduction.NONE)
+
+
+def _small_cnn(seed=0):
+  tf.random.set_seed(seed)
+  return keras.Sequential([
+      keras.Input((6, 6, 1)),
+      keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu"),
+      keras.layers.Flatten(),
+      keras.layers.Dense(5, activation="relu"),
+      keras.layers.Dense(3)])
+
+
+def _data(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, 6, 6, 1)).astype("float32"),
+          rng.integers(0, 3, size=n))
+
+
+def _bits(variables):
+  return [v.numpy().tobytes() for v in variables]
+
+
+def test_is_a_tf_privacy_optimizer_and_a_legacy_sgd():
+  opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.1, learning_rate=0.1)
+  assert isinstance(opt, keras.optimizers.legacy.SGD)
+  assert isinstance(opt, dp_optimizer_keras.GenericDPSGDOptimizer)
+  assert opt.l2_norm_clip == 1.0 and opt.noise_multiplier == 1.1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(l2_norm_clip=0.0, noise_multiplier=1.0), "l2_norm_clip"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=4),
+     "num_microbatches"),
+])
+def test_invalid_arguments_are_refused(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    tdp.MaskedDPKerasSGDOptimizer(**kwargs)
+
+
+def test_scalar_loss_is_refused_with_clear_error():
+  model = tdp.prune(_small_cnn())
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  x, y = _data()
+  with pytest.raises(ValueError, match="Reduction.NONE"):
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+
+
+def _linear_model(w):
+  model = keras.Sequential([keras.Input((2,)),
+                            keras.layers.Dense(1, use_bias=False)])
+  model.layers[0].kernel.assign(np.array(w, "float32").reshape(2, 1))
+  return model
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_no_noise_step_equals_hand_computed_masked_clipped_mean(prepared):
+  # w = [1, 1]; loss_i = (w.x_i - 0)^2, so g_i = 2 (w.x_i) x_i:
+  #   x_1 = [3, 4]:   g_1 = 2*7*[3, 4]     = [42, 56]
+  #   x_2 = [0, 0.1]: g_2 = 2*0.1*[0, 0.1] = [0, 0.02]
+  # mask m = [0, 1] BEFORE the norm: g_1*m = [0, 56] -> clipped to [0, 1]
+  # (clipping first would give [0.6, 0.8] -> [0, 0.8]); g_2*m = [0, 0.02].
+  # Mean over B=2: [0, 0.51]; lr = 1: w' = [1, 0.49].
+  model = _linear_model([1.0, 1.0])
+  if prepared:
+    model = tdp.prune(model)
+  kernel = model.trainable_variables[0]
+  opt = tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 0.0, masks={kernel.ref(): np.array([[0.0], [1.0]])},
+      learning_rate=1.0)
+  model.compile(opt, _mse())
+  x = np.array([[3.0, 4.0], [0.0, 0.1]], "float32")
+  model.train_on_batch(x, np.zeros((2, 1), "float32"))
+  np.testing.assert_allclose(kernel.numpy().ravel(), [1.0, 0.49], rtol=1e-6)
+
+
+def _reference_step(model, x, y, masks, clip, lr):
+  """Masked, clipped mean gradient from a one-example loop (independent)."""
+  loss_fn = _xent()
+  total = [np.zeros(v.shape) for v in model.trainable_variables]
+  for i in range(x.shape[0]):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(loss_fn(y[i:i + 1], model(x[i:i + 1])))
+    grads = tape.gradient(loss, model.trainable_variables)
+    grads = [g.numpy() * masks.get(v.ref(), 1.0)
+             for g, v in zip(grads, model.trainable_variables)]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+    for t, g in zip(total, grads):
+      t += g * min(1.0, clip / norm)
+  return [v.numpy() - lr * t / x.shape[0]
+          for v, t in zip(model.trainable_variables, total)]
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_no_noise_step_matches_one_example_loop_with_random_masks(prepared):
+  model = _small_cnn(seed=1)
+  if prepared:
+    model = tdp.prune(model)
+  rng = np.random.default_rng(0)
+  masks = {v.ref(): rng.integers(0, 2, v.shape).astype("float32")
+           for v in model.trainable_variables}
+  x, y = _data(8)
+  expected = _reference_step(model, x, y, masks, clip=0.1, lr=0.5)
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      0.1, 0.0, masks=masks, learning_rate=0.5), _xent())
+  model.train_on_batch(x, y)
+  for v, e in zip(model.trainable_variables, expected):
+    np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_per_example_clipped_norm_is_bounded_by_clip():
+  model = tdp.prune(_small_cnn(seed=2))
+  x, y = _data(1)
+  x = x * 100.0  # large gradients: certainly clipped
+  before = [v.numpy() for v in model.trainable_variables]
+  clip = 0.3
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(clip, 0.0, learning_rate=1.0),
+                _xent())
+  model.train_on_batch(x, y)
+  step = np.sqrt(sum(np.sum((v.numpy() - b) ** 2)
+                     for v, b in zip(model.trainable_variables, before)))
+  np.testing.assert_allclose(step, clip, rtol=1e-4)
+
+
+def test_noise_std_on_selected_coordinates_and_zero_elsewhere():
+  # Zero inputs and targets make every per-example gradient zero, so the step
+  # is pure noise: -lr * N(0, (sigma C)^2) * m / B.
+  sigma, clip, batch = 2.0, 0.5, 4
+  model = tdp.prune(keras.Sequential([
+      keras.Input((50,)), keras.layers.Dense(200, use_bias=False)]))
+  kernel = model.trainable_variables[0]
+  mask = np.random.default_rng(0).integers(0, 2, kernel.shape)
+  before = kernel.numpy().copy()
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      clip, sigma, masks={kernel.ref(): mask}, learning_rate=1.0,
+      noise_seed=3), _mse())
+  model.train_on_batch(np.zeros((batch, 50), "float32"),
+                       np.zeros((batch, 200), "float32"))
+  delta = kernel.numpy() - before
+  assert np.array_equal(kernel.numpy()[mask == 0], before[mask == 0])
+  assert np.all(delta[mask == 0] == 0.0)
+  selected = delta[mask == 1]
+  expected = sigma * clip / batch
+  # ~5000 samples: the std estimate is within 2% of the truth (4+ s.e.);
+  # the 10% band accepts sigma*C/B and rejects 2/3 and 1.5 of it.
+  ratio = selected.std() / expected
+  assert 0.9 < ratio < 1.1, ratio
+  assert abs(selected.mean()) < 4 * expected / np.sqrt(selected.size)
+
+
+def test_all_zero_mask_variables_are_bit_identical_and_excluded():
+  model = tdp.prune(_small_cnn(seed=3))
+  conv = model.layers[0]
+  frozen = list(conv.trainable_variables)
+  masks = {v.ref(): np.zeros(v.shape) for v in frozen}
+  seen_roles = []
+
+  class SpySampler(type(conv.sampler)):
+
+    def per_example(self, layer, captures, masks):
+      seen_roles.extend(masks)
+      return super().per_example(layer, captures, masks)
+
+  object.__setattr__(conv, "sampler", SpySampler())
+  before = _bits(frozen)
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 1.0, masks=masks, learning_rate=0.1, momentum=0.9), _xent())
+  x, y = _data(8)
+  model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+  assert _bits(frozen) == before
+  assert seen_roles == []  # the frozen layer was never sampled
+  others = model.layers[-1].trainable_variables
+  assert any(np.any(v.numpy() != 0) for v in others)
+
+
+def test_frozen_coordinates_unchanged_with_momentum_and_changing_mask():
+  model = tdp.prune(_small_cnn(seed=4))
+  variables = model.trainable_variables
+  mask_vars = [tf.Variable(np.ones(v.shape, "float32"), trainable=False)
+               for v in variables]
+  opt = tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 1.0, masks=list(zip(variables, mask_vars)), learning_rate=0.1,
+      momentum=0.9, nesterov=True)
+  model.compile(opt, _xent())
+  x, y = _data(8)
+  rng = np.random.default_rng(5)
+  model.train_on_batch(x, y)  # builds momentum for every coordinate
+  traces = model.train_function.experimental_get_tracing_count()
+  for _ in range(6):
+    for m in mask_vars:
+      m.assign(rng.integers(0, 2, m.shape).astype("float32"))
+    before = [v.numpy().copy() for v in variables]
+    model.train_on_batch(x, y)
+    for v, b, m in zip(variables, before, mask_vars):
+      off = m.numpy() == 0
+      assert np.array_equal(v.numpy()[off], b[off]), v.name
+      if (~off).sum() > 2:
+        assert np.any(v.numpy()[~off] != b[~off]), v.name
+  # New masks took effect without retracing.
+  assert model.train_function.experimental_get_tracing_count() == traces
+
+
+def test_fast_path_equals_fallback_and_fallback_warns(caplog):
+  x, y = _data(6)
+  plain = _small_cnn(seed=5)
+  wrapped = tdp.prune(_small_cnn(seed=6))
+  wrapped.set_weights(plain.get_weights())
+  for model in (plain, wrapped):
+    model.compile(tdp.MaskedDPKerasSGDOptimizer(0.5, 0.0, learning_rate=0.3),
+                  _xent())
+  tdp.MaskedDPKerasSGDOptimizer._warned_fallback = False
+  plain.train_on_batch(x, y)
+  assert any("vectorized" in r.getMessage() for r in caplog.records)
+  wrapped.train_on_batch(x, y)
+  for a, b in zip(plain.trainable_variables, wrapped.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_works_under_xla_jit_compile():
+  model = tdp.prune(_small_cnn(seed=6))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.1),
+                _xent(), jit_compile=True)
+  x, y = _data(8)
+  history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+  assert np.isfinite(history.history["loss"][0])
+
+
+def test_config_round_trip():
+  opt = tdp.MaskedDPKerasSGDOptimizer(0.7, 1.3, learning_rate=0.05,
+                                      momentum=0.5, expected_batch_size=32)
+  clone = tdp.MaskedDPKerasSGDOptimizer.from_config(opt.get_config())
+  assert clone.l2_norm_clip == 0.7 and clone.noise_multiplier == 1.3
+  assert clone.expected_batch_size == 32
+  assert clone.get_config() == opt.get_config()
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_save_and_load_keras_file_restores_optimizer(tmp_path, prepared):
+  model = _small_cnn(seed=7)
+  if prepared:
+    model = tdp.prune(model)
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(0.8, 1.2, learning_rate=0.1,
+                                              momentum=0.9), _xent())
+  x, y = _data(8)
+  model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert isinstance(loaded.optimizer, tdp.MaskedDPKerasSGDOptimizer)
+  assert loaded.optimizer.l2_norm_clip == 0.8
+  assert loaded.optimizer.noise_multiplier == 1.2
+  np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                             model.predict(x, verbose=0), rtol=1e-6)
+  if prepared:
+    assert any(isinstance(l, tdp.PruneWrapper) for l in loaded.layers)
+  loaded.fit(x, y, batch_size=4, epochs=1, verbose=0)  # trains on
+
+
+def test_uniform_output_masks_are_detected_as_structured():
+  mask = np.zeros((4, 3))
+  mask[:, 1] = 1
+  assert tdp.optimizer._static_structure(mask.astype(bool)) == (  # pylint: disable=protected-access
+      per_example.OUT, False)
