@@ -21,7 +21,7 @@ def _mse():
 
 
 def _small_cnn(seed=0):
-  tf.random.set_seed(seed)
+  keras.utils.set_random_seed(seed)
   return keras.Sequential([
       keras.Input((6, 6, 1)),
       keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu"),

@@ -77,7 +77,7 @@ def _data(shape, classes=3, seed=0):
 
 
 def test_dense_flat_matches_loop():
-  tf.random.set_seed(1)
+  keras.utils.set_random_seed(1)
   model = keras.Sequential([keras.Input((6,)),
                             keras.layers.Dense(4, activation="tanh"),
                             keras.layers.Dense(3)])
@@ -85,7 +85,7 @@ def test_dense_flat_matches_loop():
 
 
 def test_dense_on_sequences_matches_loop():
-  tf.random.set_seed(2)
+  keras.utils.set_random_seed(2)
   model = keras.Sequential([keras.Input((4, 6)),
                             keras.layers.Dense(5, activation="relu"),
                             keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -95,7 +95,7 @@ def test_dense_on_sequences_matches_loop():
 @pytest.mark.parametrize("padding,strides,dilation", [
     ("same", 2, 1), ("valid", 1, 1), ("valid", 1, 2), ("same", 1, 1)])
 def test_conv2d_matches_loop(padding, strides, dilation):
-  tf.random.set_seed(3)
+  keras.utils.set_random_seed(3)
   model = keras.Sequential([
       keras.Input((7, 7, 2)),
       keras.layers.Conv2D(3, 3, strides=strides, padding=padding,
@@ -106,7 +106,7 @@ def test_conv2d_matches_loop(padding, strides, dilation):
 
 def test_conv2d_ghost_norm_path_matches_loop():
   # Few positions, wide kernel: the ghost norm is cheaper and gets chosen.
-  tf.random.set_seed(4)
+  keras.utils.set_random_seed(4)
   model = keras.Sequential([
       keras.Input((4, 4, 8)),
       keras.layers.Conv2D(16, 3, strides=2, padding="valid"),
@@ -116,7 +116,7 @@ def test_conv2d_ghost_norm_path_matches_loop():
 
 @pytest.mark.parametrize("padding", ["same", "causal", "valid"])
 def test_conv1d_matches_loop(padding):
-  tf.random.set_seed(5)
+  keras.utils.set_random_seed(5)
   model = keras.Sequential([
       keras.Input((9, 2)),
       keras.layers.Conv1D(3, 3, padding=padding, activation="relu"),
@@ -125,7 +125,7 @@ def test_conv1d_matches_loop(padding):
 
 
 def test_depthwise_conv2d_matches_loop():
-  tf.random.set_seed(6)
+  keras.utils.set_random_seed(6)
   model = keras.Sequential([
       keras.Input((6, 6, 3)),
       keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2,
@@ -135,7 +135,7 @@ def test_depthwise_conv2d_matches_loop():
 
 
 def test_embedding_with_repeated_tokens_matches_loop():
-  tf.random.set_seed(7)
+  keras.utils.set_random_seed(7)
   model = keras.Sequential([
       keras.Input((6,), dtype="int32"),
       keras.layers.Embedding(5, 4),
@@ -147,7 +147,7 @@ def test_embedding_with_repeated_tokens_matches_loop():
 
 @pytest.mark.parametrize("norm", ["layer", "group"])
 def test_normalization_scale_matches_loop(norm):
-  tf.random.set_seed(8)
+  keras.utils.set_random_seed(8)
   layer = (keras.layers.LayerNormalization() if norm == "layer" else
            keras.layers.GroupNormalization(groups=2))
   model = keras.Sequential([
@@ -161,7 +161,7 @@ def test_normalization_scale_matches_loop(norm):
 
 
 def test_wrapped_forward_equals_plain_forward():
-  tf.random.set_seed(9)
+  keras.utils.set_random_seed(9)
   model = keras.Sequential([
       keras.Input((5, 5, 2)),
       keras.layers.Conv2D(3, 3, activation="relu"),
@@ -173,7 +173,7 @@ def test_wrapped_forward_equals_plain_forward():
 
 
 def test_masked_per_weight_gradients_match_masked_loop():
-  tf.random.set_seed(10)
+  keras.utils.set_random_seed(10)
   model = keras.Sequential([
       keras.Input((4, 4, 2)),
       keras.layers.Conv2D(3, 2, activation="relu"),

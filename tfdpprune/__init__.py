@@ -15,13 +15,14 @@ opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
 
 from tfdpprune._compat import keras
 from tfdpprune import accounting
+from tfdpprune.config import PruneConfig
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
 from tfdpprune.pruning import prune
 from tfdpprune.pruning import PruneWrapper
 from tfdpprune.pruning import strip
 
 __all__ = [
-    "keras", "accounting", "MaskedDPKerasSGDOptimizer", "prune",
+    "keras", "accounting", "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune",
     "PruneWrapper", "strip",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 from absl import logging
 import numpy as np
 
+from tfdpprune import masks as masks_lib
 from tfdpprune import per_example
 from tfdpprune import pruning
 from tfdpprune._compat import dp_optimizer_keras
@@ -220,9 +221,8 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         loss = tf.reduce_mean(tf.reshape(loss, [tf.shape(loss)[0], -1]), 1)
       loss_sum = tf.reduce_sum(loss)
 
-    for owner in self._owners(var_list):
-      if owner.selector is not None:
-        owner.selector.update(self.iterations)
+    for selector in masks_lib.selectors(self._owners(var_list)):
+      selector.update(self.iterations)
 
     specs, selected = {}, []
     for var in var_list:

@@ -18,6 +18,7 @@ import inspect
 import weakref
 from typing import Dict, Optional, Sequence
 
+from tfdpprune import config as config_lib
 from tfdpprune import per_example
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -75,11 +76,13 @@ class PruneWrapper(keras.layers.Wrapper):
     mask_structure: what the masks promise: "weight" (any 0/1 pattern),
       "neuron" (constant along all axes but the output axis) or "layer"
       (all zeros or all ones); coarser structures allow cheaper clipping.
+    select_config: the select-mode `PruneConfig` (or its dict) that re-draws
+      the select masks during training.
   """
 
   def __init__(self, layer, freeze_roles: Sequence[str] = (),
                select_roles: Sequence[str] = (), mask_structure="weight",
-               **kwargs):
+               select_config=None, **kwargs):
     if per_example.sampler_for(layer) is None:
       raise ValueError(
           f"PruneWrapper does not support {type(layer).__name__} layers "
@@ -98,7 +101,10 @@ class PruneWrapper(keras.layers.Wrapper):
     object.__setattr__(self, "_captures", _CaptureBuffer())
     object.__setattr__(self, "_call_args", frozenset(
         inspect.signature(layer.call).parameters))
-    # Set by the pruning strategies (`masks.py`): redraws select masks.
+    if isinstance(select_config, dict):
+      select_config = config_lib.PruneConfig.from_dict(select_config)
+    object.__setattr__(self, "select_config", select_config)
+    # Built by `masks.selectors` on first use: re-draws the select masks.
     object.__setattr__(self, "selector", None)
 
   def build(self, input_shape):
@@ -110,18 +116,42 @@ class PruneWrapper(keras.layers.Wrapper):
       if role not in roles:
         raise ValueError(f"layer {self.layer.name!r} has no trainable "
                          f"variable {role!r}; it has {sorted(roles)}")
-    for kind, names, store in (("freeze", self.freeze_roles,
-                                self.freeze_masks),
-                               ("select", self.select_roles,
-                                self.select_masks)):
-      for role in names:
-        var = roles[role]
-        store[role] = self.add_weight(
-            name=f"{role}_{kind}_mask", shape=var.shape, dtype=var.dtype,
-            initializer="ones", trainable=False,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    for role in self.freeze_roles:
+      self._make_mask("freeze", role)
+    for role in self.select_roles:
+      self._make_mask("select", role)
     for var in roles.values():
       _OWNER[var.ref()] = self
+
+  def _make_mask(self, kind, role):
+    var = self.roles()[role]
+    store = self.freeze_masks if kind == "freeze" else self.select_masks
+    store[role] = self.add_weight(
+        name=f"{role}_{kind}_mask", shape=var.shape, dtype=var.dtype,
+        initializer="ones", trainable=False,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  def add_masks(self, kind, roles, structure):
+    """Adds freeze or select masks (all ones) for `roles` after build."""
+    if kind not in ("freeze", "select"):
+      raise ValueError(f"kind={kind!r} must be 'freeze' or 'select'")
+    attr = "freeze_roles" if kind == "freeze" else "select_roles"
+    store = self.freeze_masks if kind == "freeze" else self.select_masks
+    for role in roles:
+      if role in store:
+        raise ValueError(f"layer {self.layer.name!r} already has a {kind} "
+                         f"mask on {role!r}")
+      self._make_mask(kind, role)
+      setattr(self, attr, getattr(self, attr) + (role,))
+    order = list(_STRUCTURES)
+    had_masks = len(self.freeze_masks) + len(self.select_masks) > len(roles)
+    if not had_masks or order.index(structure) < order.index(
+        self.mask_structure):
+      self.mask_structure = structure
+
+  def set_select_config(self, config):
+    object.__setattr__(self, "select_config", config)
+    object.__setattr__(self, "selector", None)
 
   def roles(self) -> Dict[str, tf.Variable]:
     """The wrapped layer's trainable variables by role."""
@@ -181,7 +211,9 @@ class PruneWrapper(keras.layers.Wrapper):
     config = super().get_config()
     config.update(freeze_roles=list(self.freeze_roles),
                   select_roles=list(self.select_roles),
-                  mask_structure=self.mask_structure)
+                  mask_structure=self.mask_structure,
+                  select_config=(None if self.select_config is None else
+                                 self.select_config.to_dict()))
     return config
 
 

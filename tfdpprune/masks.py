@@ -1,0 +1,295 @@
+"""Mask strategies: which coordinates DP-SGD updates (pure TF functions).
+
+A mask is 1 where a coordinate is updated and 0 where it is not. Masks are
+computed from public inputs only: the seed (and the step, for re-draws), the
+current weights (already released), or gradients on `public_data`.
+
+The same functions run eagerly (freeze mode, once, in `prune`) and in graph
+(select mode, every k optimizer steps, inside the training step), so a
+resumed run re-draws exactly what an uninterrupted one does.
+"""
+
+import re
+from typing import Dict, List, Sequence, Tuple
+
+from tfdpprune import pruning
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+from tfdpprune.config import PruneConfig
+
+# Roles eligible by default (`weights="kernel"`); biases and normalization
+# parameters stay fully trained unless `weights="all"`.
+KERNEL_ROLES = ("kernel", "depthwise_kernel", "embeddings")
+
+Entry = Tuple["pruning.PruneWrapper", str, tf.Variable]
+
+
+def eligible(wrappers: Sequence["pruning.PruneWrapper"],
+             config: PruneConfig) -> List[Entry]:
+  """`(wrapper, role, variable)` of the variables `config` may mask."""
+  out = []
+  for w in wrappers:
+    if config.layers is not None and not (
+        re.search(config.layers, w.layer.name) or
+        re.search(config.layers, w.name)):
+      continue
+    for role, var in w.roles().items():
+      if config.weights == "kernel" and role not in KERNEL_ROLES:
+        continue
+      out.append((w, role, var))
+  return out
+
+
+# -- unit layout ------------------------------------------------------------
+
+
+def _units(shape, granularity) -> Tuple[int, int]:
+  """(number of units, coordinates per unit) of a variable."""
+  size = int(shape.num_elements())
+  if granularity == "weight":
+    return size, 1
+  if granularity == "neuron":
+    n = int(shape[-1]) if shape.rank else 1
+    return n, size // n
+  return 1, size
+
+
+def _unit_scores(score, granularity):
+  """Coordinate scores -> unit scores (mean over the unit)."""
+  if granularity == "weight":
+    return tf.reshape(score, [-1])
+  if granularity == "neuron":
+    n = score.shape[-1] if score.shape.rank else 1
+    return tf.reduce_mean(tf.reshape(score, [-1, n]), axis=0)
+  return tf.reshape(tf.reduce_mean(score), [1])
+
+
+def _expand(keep, shape, granularity):
+  """Unit keep-mask -> full-shape 0/1 mask."""
+  if granularity == "weight":
+    return tf.reshape(keep, shape)
+  if granularity == "neuron":
+    n = shape[-1] if shape.rank else 1
+    return tf.reshape(tf.broadcast_to(keep[tf.newaxis, :],
+                                      [shape.num_elements() // n, n]), shape)
+  return tf.fill(shape, keep[0])
+
+
+def keep_units(scores, sizes, sparsity):
+  """1.0 for kept units: the lowest-scoring units are pruned until the pruned
+  coordinates come closest to `sparsity` of all (exact for equal sizes)."""
+  scores = tf.convert_to_tensor(scores, tf.float32)
+  sizes = tf.cast(sizes, tf.float32)
+  order = tf.argsort(scores, stable=True)
+  cum = tf.concat([[0.0], tf.cumsum(tf.gather(sizes, order))], axis=0)
+  target = tf.cast(sparsity, tf.float32) * tf.reduce_sum(sizes)
+  k = tf.argmin(tf.abs(cum - target), output_type=tf.int32)
+  pruned = order[:k]
+  return tf.tensor_scatter_nd_update(
+      tf.ones_like(scores), pruned[:, tf.newaxis],
+      tf.zeros(tf.shape(pruned), tf.float32))
+
+
+# -- scores -----------------------------------------------------------------
+
+
+def coordinate_scores(config: PruneConfig, variables, public_grads=None):
+  """Per-coordinate scores (non-random methods)."""
+  if config.method == "magnitude":
+    return [tf.abs(v) for v in variables]
+  if config.method == "public_gradient":
+    return [tf.abs(g) for g in public_grads]
+  if config.method == "public_saliency":
+    return [tf.abs(v * g) for v, g in zip(variables, public_grads)]
+  raise ValueError(f"no coordinate scores for method {config.method!r}")
+
+
+def compute_masks(config: PruneConfig, variables, *, draw=0, sparsity=None,
+                  public_grads=None):
+  """Full-shape float masks of `variables` under `config`.
+
+  Args:
+    config: the `PruneConfig`.
+    variables: the eligible variables, in a fixed order.
+    draw: the re-draw index (step // k in select mode); with `seed` it keys
+      the random scores, so a resumed run draws the same masks.
+    sparsity: overrides `config.sparsity` (a scalar tensor in select mode).
+    public_grads: gradients on public data (public methods).
+  """
+  sparsity = config.sparsity if sparsity is None else sparsity
+  layouts = [_units(v.shape, config.granularity) for v in variables]
+  counts = [u for u, _ in layouts]
+  if config.method == "random":
+    seed = tf.stack([tf.cast(config.seed, tf.int64), tf.cast(draw, tf.int64)])
+    flat = tf.random.stateless_uniform([sum(counts)], seed=seed)
+    unit_scores = tf.split(flat, counts) if len(counts) > 1 else [flat]
+  else:
+    unit_scores = [_unit_scores(s, config.granularity)
+                   for s in coordinate_scores(config, variables, public_grads)]
+  sizes = [tf.fill([u], float(size)) for u, size in layouts]
+  if config.scope == "global":
+    keep = keep_units(tf.concat(unit_scores, 0), tf.concat(sizes, 0),
+                      sparsity)
+    keeps = tf.split(keep, counts) if len(counts) > 1 else [keep]
+  else:
+    keeps = [keep_units(s, z, sparsity) for s, z in zip(unit_scores, sizes)]
+  return [tf.cast(_expand(k, v.shape, config.granularity), v.dtype)
+          for k, v in zip(keeps, variables)]
+
+
+def public_gradients(model, variables, public_data, batch_size=256):
+  """Mean gradient of the model's loss on `public_data` (never private data).
+
+  `public_data` is a `tf.data.Dataset` of `(x, y)` batches or an `(x, y)`
+  pair of arrays. The loss is sparse categorical cross-entropy (from logits
+  unless the last layer applies a softmax).
+  """
+  if public_data is None:
+    raise ValueError("public_data is required by the public_gradient and "
+                     "public_saliency methods")
+  if isinstance(public_data, tf.data.Dataset):
+    dataset = public_data
+  else:
+    x, y = public_data
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+  last = model.layers[-1]
+  last = getattr(last, "layer", last)
+  softmax = getattr(last, "activation", None) is keras.activations.softmax
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(
+      from_logits=not softmax, reduction=keras.losses.Reduction.SUM)
+  totals = [tf.zeros_like(v) for v in variables]
+  count = 0
+  for batch in dataset:
+    x, y = batch[0], batch[1]
+    with tf.GradientTape() as tape:
+      loss = loss_fn(y, model(x, training=False))
+    grads = tape.gradient(loss, variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    totals = [t + tf.convert_to_tensor(g) for t, g in zip(totals, grads)]
+    count += int(tf.shape(x)[0])
+  if count == 0:
+    raise ValueError("public_data is empty")
+  return [t / count for t in totals]
+
+
+# -- selection (select mode) --------------------------------------------------
+
+
+class Selector:
+  """Re-draws the select masks of some wrappers every k optimizer steps."""
+
+  def __init__(self, config: PruneConfig, entries: Sequence[Entry]):
+    self.config = config
+    self.entries = list(entries)
+
+  def sparsity_at(self, step):
+    sparsity = tf.constant(self.config.sparsity, tf.float32)
+    for start, value in self.config.sparsity_schedule or ():
+      sparsity = tf.where(tf.cast(step, tf.int64) >= start,
+                          tf.constant(value, tf.float32), sparsity)
+    return sparsity
+
+  def redraw(self, step):
+    k = self.config.effective_every_k_steps
+    step = tf.cast(step, tf.int64)
+    masks = compute_masks(self.config, [v for _, _, v in self.entries],
+                          draw=step // k, sparsity=self.sparsity_at(step))
+    return tf.group(*[w.select_masks[role].assign(m, read_value=False)
+                      for (w, role, _), m in zip(self.entries, masks)])
+
+  def update(self, step):
+    """In graph: re-draw when `step % k == 0`."""
+    k = self.config.effective_every_k_steps
+    step = tf.cast(step, tf.int64)
+    return tf.cond(tf.equal(step % k, 0), lambda: self.redraw(step),
+                   tf.no_op)
+
+
+def selectors(owners: Sequence["pruning.PruneWrapper"]) -> List[Selector]:
+  """The selectors of `owners` (built on first use, also after loading)."""
+  groups: Dict[PruneConfig, list] = {}
+  for w in owners:
+    if w.select_config is not None and w.selector is None:
+      groups.setdefault(w.select_config, []).append(w)
+  for config, ws in groups.items():
+    entries = [(w, role, w.roles()[role]) for w in ws
+               for role in w.select_roles]
+    selector = Selector(config, entries)
+    for w in ws:
+      object.__setattr__(w, "selector", selector)
+  out, seen = [], set()
+  for w in owners:
+    if w.selector is not None and id(w.selector) not in seen:
+      seen.add(id(w.selector))
+      out.append(w.selector)
+  return out
+
+
+# -- prune --------------------------------------------------------------------
+
+
+def apply_config(model, config, *, public_data=None):
+  """`tdp.prune(model, config)`: wrap, add masks, compute freeze masks.
+
+  `config` is a `PruneConfig` or a sequence of them (e.g. a freeze and a
+  select config: the updated set is their intersection).
+  """
+  configs = [config] if isinstance(config, PruneConfig) else list(config)
+  for c in configs:
+    if not isinstance(c, PruneConfig):
+      raise TypeError(f"config must be a PruneConfig, got {type(c).__name__}")
+  if public_data is not None and not any(
+      c.method.startswith("public") for c in configs):
+    raise ValueError("public_data is only used by the public_gradient and "
+                     "public_saliency methods")
+  model = pruning.wrap(model)
+  for c in configs:
+    entries = eligible(pruning.wrappers(model), c)
+    if not entries:
+      names = [w.layer.name for w in pruning.wrappers(model)]
+      raise ValueError(f"PruneConfig.layers={c.layers!r} with weights="
+                       f"{c.weights!r} selects no variable; supported layers "
+                       f"of this model: {names}")
+    kind = "freeze" if c.mode == "freeze" else "select"
+    for w, role, _ in entries:
+      w.add_masks(kind, [role], c.granularity)
+    variables = [v for _, _, v in entries]
+    if c.mode == "freeze":
+      grads = (public_gradients(model, variables, public_data)
+               if c.method.startswith("public") else None)
+      for (w, role, var), m in zip(entries, compute_masks(
+          c, variables, public_grads=grads)):
+        w.freeze_masks[role].assign(m)
+        if c.effective_pruned == "zero":
+          var.assign(var * m)
+    else:
+      for w, _, _ in entries:
+        w.set_select_config(c)
+      selectors(list({id(w): w for w, _, _ in entries}.values()))
+      entries[0][0].selector.redraw(0)
+  return model
+
+
+def density(model) -> Dict[str, float]:
+  """Fraction of coordinates updated now, per layer and `"overall"`."""
+  out, updated, total = {}, 0.0, 0
+  covered = set()
+  for w in pruning.wrappers(model):
+    layer_updated, layer_total = 0.0, 0
+    for role, var in w.roles().items():
+      covered.add(var.ref())
+      n = int(var.shape.num_elements())
+      m = w.mask(role)
+      layer_updated += n if m is None else float(tf.reduce_sum(m))
+      layer_total += n
+    if layer_total:
+      out[w.layer.name] = layer_updated / layer_total
+      updated += layer_updated
+      total += layer_total
+  for var in model.trainable_variables:
+    if var.ref() not in covered:
+      updated += int(var.shape.num_elements())
+      total += int(var.shape.num_elements())
+  out["overall"] = updated / total if total else 1.0
+  return out
+
