@@ -1,0 +1,558 @@
+"""Datasets (embedded, IDX, npz, tfds), the public/private split, sampling.
+
+Every loader returns a `Dataset` of numpy arrays: images float32 NHWC,
+labels int32. Normalization uses *public* constants only (never statistics
+of the private training data):
+
+* MNIST-like names (`mnist`, `fashion_mnist`, `emnist`) and the colour sets
+  (`cifar10`, `cifar100`, `svhn_cropped`): `(x / 255 - mean) / std` with the
+  per-channel constants in `NORMALIZATION`.
+* `digits` (scikit-learn's 8x8 digits, pixel values 0..16): `x / 16` in
+  [0, 1].
+* An IDX directory or `.npz` file given by path: uint8 pixels scaled to
+  [0, 1] (`x / 255`); float pixels are taken as already normalized.
+
+DP-SGD's accounting assumes Poisson subsampling, so training batches come
+from `poisson_batches` (each example joins each step's batch independently
+with probability q), not from fixed-size shuffled batches;
+`shuffled_batches` is for evaluation and non-private training.
+
+```python
+from tfdpprune import data
+ds = data.load_dataset("digits")
+private, (x_pub, y_pub) = data.split_public(ds, public_fraction=0.1, seed=0)
+batches = data.poisson_batches(private.x_train, private.y_train,
+                               sampling_probability=0.05, num_steps=100,
+                               seed=1)
+```
+"""
+
+import dataclasses
+import gzip
+import math
+import os
+import struct
+from typing import Optional, Tuple
+
+import numpy as np
+
+from tfdpprune._compat import tf
+
+# Where Debian's `dataset-*` packages put IDX files, e.g. `apt-get install
+# dataset-fashion-mnist` -> /usr/share/datasets/fashion-mnist/.
+SYSTEM_DATASETS_DIR = "/usr/share/datasets"
+
+# Per-channel (mean, std) of the [0, 1]-scaled pixels: published constants,
+# so normalizing leaks nothing about the private data. EMNIST reuses the
+# MNIST constants (same acquisition pipeline; no single canonical pair).
+NORMALIZATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "emnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+# Class counts of the named data sets (EMNIST: tfds' default `byclass`).
+_NUM_CLASSES = {
+    "digits": 10, "mnist": 10, "fashion_mnist": 10, "emnist": 62,
+    "cifar10": 10, "cifar100": 100, "svhn_cropped": 10,
+}
+_IDX_NAMES = ("mnist", "fashion_mnist", "emnist")
+
+DATASET_NAMES = tuple(sorted(_NUM_CLASSES))
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A train/test pair of arrays.
+
+  Attributes:
+    name: the data set's name (or the path it was loaded from).
+    x_train: float32 images `[N, H, W, C]`, normalized (see module doc).
+    y_train: int32 labels `[N]` in `[0, num_classes)`.
+    x_test: float32 images `[M, H, W, C]`.
+    y_test: int32 labels `[M]`.
+    num_classes: number of classes.
+  """
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      x = getattr(self, f"x_{split}")
+      y = getattr(self, f"y_{split}")
+      if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4:
+        raise ValueError(
+            f"x_{split} must be a float32 NHWC numpy array, got "
+            f"{type(x).__name__} {getattr(x, 'dtype', '')} "
+            f"{getattr(x, 'shape', '')}")
+      if not isinstance(y, np.ndarray) or y.dtype != np.int32 or y.ndim != 1:
+        raise ValueError(
+            f"y_{split} must be an int32 vector, got {type(y).__name__} "
+            f"{getattr(y, 'dtype', '')} {getattr(y, 'shape', '')}")
+      if len(x) != len(y):
+        raise ValueError(
+            f"x_{split} has {len(x)} examples but y_{split} has {len(y)}")
+      if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+        raise ValueError(
+            f"y_{split} must lie in [0, num_classes={self.num_classes}), got "
+            f"[{y.min()}, {y.max()}]")
+    if self.x_train.shape[1:] != self.x_test.shape[1:]:
+      raise ValueError(
+          f"train images {self.x_train.shape[1:]} and test images "
+          f"{self.x_test.shape[1:]} differ in shape")
+
+  @property
+  def input_shape(self) -> Tuple[int, int, int]:
+    """`(H, W, C)` of one image."""
+    return tuple(self.x_train.shape[1:])
+
+  @property
+  def num_train(self) -> int:
+    return len(self.y_train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.y_test)
+
+
+# ----------------------------------------------------------------------------
+# IDX files
+# ----------------------------------------------------------------------------
+
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: str, *, ndim: Optional[int] = None) -> np.ndarray:
+  """Reads one IDX file (gzip-compressed or not) into a numpy array.
+
+  The header is two zero bytes, a type code (0x08 = uint8, ...) and the
+  number of dimensions, then each dimension as a big-endian uint32.
+
+  Args:
+    path: the file.
+    ndim: if given, the number of dimensions the header must declare (3 for
+      images, 1 for labels, i.e. magic numbers 0x803 and 0x801 for uint8).
+
+  Returns:
+    The array, in native byte order.
+
+  Raises:
+    ValueError: bad magic number, unexpected rank or truncated data.
+  """
+  with open(path, "rb") as f:
+    raw = f.read()
+  if raw[:2] == b"\x1f\x8b":
+    raw = gzip.decompress(raw)
+  if len(raw) < 4:
+    raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+  magic = struct.unpack(">I", raw[:4])[0]
+  zeros, code, rank = raw[0:2], raw[2], raw[3]
+  if zeros != b"\x00\x00" or code not in _IDX_DTYPES:
+    raise ValueError(
+        f"{path}: bad IDX magic number 0x{magic:08x} (expected 0x00000801 "
+        "for labels or 0x00000803 for images); not an IDX file or corrupted")
+  if ndim is not None and rank != ndim:
+    raise ValueError(
+        f"{path}: IDX magic number 0x{magic:08x} declares {rank} dimensions, "
+        f"expected {ndim} (magic 0x{0x800 + ndim:08x})")
+  header = 4 + 4 * rank
+  shape = struct.unpack(f">{rank}I", raw[4:header])
+  dtype = _IDX_DTYPES[code]
+  expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise ValueError(
+        f"{path}: header declares shape {shape} ({expected} bytes of data) "
+        f"but the file holds {len(raw) - header}")
+  data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+  return data.astype(dtype.newbyteorder("="))
+
+
+def _idx_file(directory: str, stem: str) -> Optional[str]:
+  for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz",
+               stem.replace("-idx", ".idx")):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _missing_idx_files(directory: str, splits) -> list:
+  return [stem + ".gz" for split in splits for stem in _IDX_FILES[split]
+          if _idx_file(directory, stem) is None]
+
+
+def _normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 (or [0, 255]) pixels -> float32 NHWC, `(x / 255 - mean) / std`."""
+  x = pixels.astype(np.float32) / np.float32(255.0)
+  if x.ndim == 3:
+    x = x[..., None]
+  x -= np.asarray(mean, np.float32)
+  x /= np.asarray(std, np.float32)
+  return x
+
+
+def load_idx_split(directory: str, split: str = "test", *,
+                   mean=(0.0,), std=(1.0,)) -> Tuple[np.ndarray, np.ndarray]:
+  """Loads one split of an IDX directory (MNIST file layout).
+
+  Works on directories holding only one split, e.g. the t10k files alone.
+
+  Args:
+    directory: holds `train-images-idx3-ubyte[.gz]` and
+      `train-labels-idx1-ubyte[.gz]` (split "train") or the `t10k-` pair
+      (split "test").
+    split: "train" or "test".
+    mean: per-channel mean subtracted after scaling to [0, 1].
+    std: per-channel std divided by after that; the defaults leave pixels
+      in [0, 1].
+
+  Returns:
+    `(x, y)`: float32 `[N, H, W, 1]` images and int32 `[N]` labels.
+
+  Raises:
+    FileNotFoundError: naming the missing files.
+    ValueError: bad magic numbers or inconsistent image/label counts.
+  """
+  if split not in _IDX_FILES:
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  missing = _missing_idx_files(directory, [split])
+  if missing:
+    raise FileNotFoundError(
+        f"IDX directory {directory!r} lacks the {split} split: missing "
+        f"{', '.join(missing)}")
+  images_stem, labels_stem = _IDX_FILES[split]
+  images = read_idx(_idx_file(directory, images_stem), ndim=3)
+  labels = read_idx(_idx_file(directory, labels_stem), ndim=1)
+  if len(images) != len(labels):
+    raise ValueError(
+        f"{directory}: {split} has {len(images)} images but {len(labels)} "
+        "labels")
+  return _normalize(images, mean, std), labels.astype(np.int32)
+
+
+def _load_idx_dataset(name, directory, mean, std, num_classes=None):
+  missing = _missing_idx_files(directory, ["train", "test"])
+  if missing:
+    hint = ""
+    if not _missing_idx_files(directory, ["test"]):
+      hint = (" It holds the test split only: use "
+              f"tfdpprune.data.load_idx_split({directory!r}, 'test').")
+    raise FileNotFoundError(
+        f"IDX directory {directory!r} is incomplete: missing "
+        f"{', '.join(missing)}.{hint}")
+  x_train, y_train = load_idx_split(directory, "train", mean=mean, std=std)
+  x_test, y_test = load_idx_split(directory, "test", mean=mean, std=std)
+  if num_classes is None:
+    num_classes = _infer_num_classes(y_train, y_test)
+  return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+# ----------------------------------------------------------------------------
+# npz, digits, tfds
+# ----------------------------------------------------------------------------
+
+
+def _infer_num_classes(*labels) -> int:
+  return int(max(int(y.max()) for y in labels if y.size) + 1)
+
+
+def _npz_images(x: np.ndarray) -> np.ndarray:
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(f"npz images must be [N, H, W] or [N, H, W, C], got "
+                     f"shape {x.shape}")
+  if x.dtype == np.uint8:
+    return x.astype(np.float32) / np.float32(255.0)
+  return x.astype(np.float32)
+
+
+def _load_npz(path: str) -> Dataset:
+  with np.load(path) as f:
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
+               if k not in f.files]
+    if missing:
+      raise ValueError(f"{path}: missing arrays {missing} (has {f.files})")
+    arrays = {k: f[k] for k in f.files}
+  y_train = arrays["y_train"].reshape(-1).astype(np.int32)
+  y_test = arrays["y_test"].reshape(-1).astype(np.int32)
+  if "num_classes" in arrays:
+    num_classes = int(arrays["num_classes"])
+  else:
+    num_classes = _infer_num_classes(y_train, y_test)
+  return Dataset(path, _npz_images(arrays["x_train"]), y_train,
+                 _npz_images(arrays["x_test"]), y_test, num_classes)
+
+
+def _load_digits() -> Dataset:
+  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
+  # pylint: enable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      x, y, test_size=_DIGITS_TEST_FRACTION, stratify=y,
+      random_state=_DIGITS_SPLIT_SEED)
+  return Dataset("digits", x_train, y_train, x_test, y_test, 10)
+
+
+def _load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  splits = tfds.as_numpy(tfds.load(
+      name, split=["train", "test"], batch_size=-1, as_supervised=True,
+      data_dir=data_dir))
+  (x_train, y_train), (x_test, y_test) = splits
+  mean, std = NORMALIZATION[name]
+  return Dataset(name, _normalize(x_train, mean, std),
+                 np.asarray(y_train, np.int32).reshape(-1),
+                 _normalize(x_test, mean, std),
+                 np.asarray(y_test, np.int32).reshape(-1), _NUM_CLASSES[name])
+
+
+def load_dataset(name: str, *, data_dir: Optional[str] = None) -> Dataset:
+  """Loads a data set by name or path.
+
+  Names: "digits" (embedded, scikit-learn; 1437/360 stratified split with a
+  fixed seed), "mnist", "fashion_mnist", "emnist", "cifar10", "cifar100",
+  "svhn_cropped". MNIST-like names resolve, in order, to
+  1. `data_dir`, an IDX directory (MNIST file names, gzipped or not);
+  2. `SYSTEM_DATASETS_DIR/<name with - for _>` if it exists (Debian's
+     `dataset-fashion-mnist` installs /usr/share/datasets/fashion-mnist);
+  3. tensorflow-datasets (may download; set TFDS_DATA_DIR for its cache).
+  The colour sets come from tensorflow-datasets, with `data_dir` as its data
+  directory. A name that is not one of these is read as a path: a directory
+  of IDX files (normalized to [0, 1]) or a `.npz` file with arrays
+  `x_train, y_train, x_test, y_test` (and optionally `num_classes`).
+
+  Args:
+    name: a data set name or a path.
+    data_dir: see above.
+
+  Returns:
+    The `Dataset`.
+
+  Raises:
+    ValueError: unknown name (the message lists the allowed names).
+    FileNotFoundError: an IDX directory lacks files (the message names them).
+
+  Example:
+    >>> ds = load_dataset("digits")
+    >>> ds.x_train.shape, ds.num_classes
+    ((1437, 8, 8, 1), 10)
+  """
+  if name == "digits":
+    return _load_digits()
+  if name in _IDX_NAMES:
+    mean, std = NORMALIZATION[name]
+    directory = data_dir
+    if directory is None:
+      system = os.path.join(SYSTEM_DATASETS_DIR, name.replace("_", "-"))
+      directory = system if os.path.isdir(system) else None
+    if directory is not None:
+      return _load_idx_dataset(name, directory, mean, std, _NUM_CLASSES[name])
+    return _load_tfds(name, None)
+  if name in _NUM_CLASSES:
+    return _load_tfds(name, data_dir)
+  if name.endswith(".npz") and os.path.isfile(name):
+    return _load_npz(name)
+  if os.path.isdir(name):
+    return _load_idx_dataset(name, name, (0.0,), (1.0,))
+  raise ValueError(
+      f"unknown data set {name!r}: expected one of {', '.join(DATASET_NAMES)}"
+      ", a directory of IDX files or an existing .npz file")
+
+
+# ----------------------------------------------------------------------------
+# Public / private split
+# ----------------------------------------------------------------------------
+
+
+def split_public(dataset: Dataset, public_fraction: float, seed: int
+                 ) -> Tuple[Dataset, Tuple[np.ndarray, np.ndarray]]:
+  """Splits off a public part of the training set.
+
+  `floor(public_fraction * N)` training examples, chosen uniformly at random
+  from `seed`, become public; the rest (in their original order) form the
+  private training set, whose size is the N of the privacy accounting. The
+  test set stays with the private `Dataset`.
+
+  Args:
+    dataset: the full data set.
+    public_fraction: in [0, 1).
+    seed: seeds the choice of public examples.
+
+  Returns:
+    `(private, (x_public, y_public))`.
+
+  Example:
+    >>> ds = load_dataset("digits")
+    >>> private, (x_pub, _) = split_public(ds, 0.1, seed=0)
+    >>> private.num_train, len(x_pub)
+    (1294, 143)
+  """
+  if not 0.0 <= public_fraction < 1.0:
+    raise ValueError(
+        f"public_fraction must be in [0, 1), got {public_fraction}")
+  n = dataset.num_train
+  # round() first so that e.g. 0.29 * 100 = 28.999999999999996 gives 29.
+  num_public = math.floor(round(public_fraction * n, 9))
+  order = np.random.default_rng(seed).permutation(n)
+  public = np.sort(order[:num_public])
+  private = np.sort(order[num_public:])
+  private_ds = dataclasses.replace(
+      dataset, x_train=dataset.x_train[private],
+      y_train=dataset.y_train[private])
+  return private_ds, (dataset.x_train[public], dataset.y_train[public])
+
+
+# ----------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------
+
+
+def _as_tensors(x, y):
+  x = tf.convert_to_tensor(x)
+  y = tf.convert_to_tensor(y)
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+  return x, y
+
+
+def poisson_selection(num_examples: int, sampling_probability: float,
+                      seed: int, step, max_batch_size: Optional[int] = None):
+  """Indices of the examples in step `step`'s Poisson batch (sorted).
+
+  Example i joins iff `u_i < q` for `u = stateless_uniform([N], (seed,
+  step))` (Philox), so the batch depends only on `(seed, step)`.
+  With `max_batch_size`, a larger batch keeps the `max_batch_size` examples
+  of smallest `u` (a uniformly random subset of the drawn batch).
+  """
+  u = tf.random.stateless_uniform(
+      [num_examples], seed=tf.stack([tf.cast(seed, tf.int64),
+                                     tf.cast(step, tf.int64)]),
+      alg="philox")
+  selected = tf.where(u < sampling_probability)[:, 0]
+  if max_batch_size is not None:
+    k = tf.minimum(tf.size(selected), max_batch_size)
+    _, keep = tf.math.top_k(-tf.gather(u, selected), k=k, sorted=False)
+    selected = tf.sort(tf.gather(selected, keep))
+  return selected
+
+
+def poisson_batches(x, y, sampling_probability: float, num_steps: int,
+                    seed: int, max_batch_size: Optional[int] = None, *,
+                    start_step: int = 0) -> tf.data.Dataset:
+  """Poisson-subsampled batches, reproducible per step.
+
+  At step s each example joins the batch independently with probability
+  q = `sampling_probability`, from randomness keyed on `(seed, s)` only;
+  batch sizes vary (Binomial(N, q)) and can be 0 (yielded with shape
+  `[0, ...]`). This is the sampling DP-SGD's Poisson accounting assumes.
+  Steps `start_step, ..., num_steps - 1` are yielded, so a run resumed at
+  step s with the same arguments and `start_step=s` sees exactly the
+  batches the uninterrupted run would have seen.
+
+  Keep `seed` secret: the privacy amplification by subsampling assumes the
+  adversary does not know which examples were sampled.
+
+  Args:
+    x: `[N, ...]` features (numpy or tensor).
+    y: `[N, ...]` labels.
+    sampling_probability: q in [0, 1].
+    num_steps: total number of steps of the run.
+    seed: integer seed of the sampling.
+    max_batch_size: if given, a batch larger than this is truncated to a
+      uniformly random subset of `max_batch_size` examples. Truncation is
+      not Poisson sampling: if p is the per-step probability that
+      Binomial(N, q) > max_batch_size, the Poisson guarantee (eps, delta)
+      only holds as (eps, delta + (1 + e^eps) * num_steps * p). Pick a cap
+      far in the tail (see `poisson_truncation_probability`).
+    start_step: the first step yielded.
+
+  Returns:
+    A `tf.data.Dataset` of `(x_batch, y_batch)`.
+
+  Example:
+    >>> x, y = np.zeros([1000, 2], "float32"), np.zeros([1000], "int32")
+    >>> batches = poisson_batches(x, y, 0.01, num_steps=3, seed=0)
+    >>> [int(xb.shape[0]) for xb, _ in batches]  # Binomial(1000, 0.01)
+    [11, 5, 10]
+  """
+  if not 0.0 <= sampling_probability <= 1.0:
+    raise ValueError(f"sampling_probability must be in [0, 1], got "
+                     f"{sampling_probability}")
+  if not 0 <= start_step <= num_steps:
+    raise ValueError(f"start_step must be in [0, num_steps={num_steps}], got "
+                     f"{start_step}")
+  if max_batch_size is not None and max_batch_size < 1:
+    raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+  x, y = _as_tensors(x, y)
+  n = int(x.shape[0])
+
+  def batch(step):
+    idx = poisson_selection(n, sampling_probability, seed, step,
+                            max_batch_size)
+    return tf.gather(x, idx), tf.gather(y, idx)
+
+  steps = tf.data.Dataset.range(start_step, num_steps)
+  return steps.map(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def poisson_truncation_probability(num_examples: int,
+                                   sampling_probability: float,
+                                   max_batch_size: int) -> float:
+  """P(Binomial(num_examples, q) > max_batch_size): one step's truncation."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.binom.sf(max_batch_size, num_examples,
+                              sampling_probability))
+
+
+def shuffled_batches(x, y, batch_size: int, seed: Optional[int], *,
+                     drop_remainder: bool = False) -> tf.data.Dataset:
+  """One epoch of fixed-size batches, shuffled from `seed`.
+
+  For evaluation and non-private training only: DP-SGD's Poisson
+  accounting does not cover fixed-size shuffled batches.
+
+  Args:
+    x: `[N, ...]` features.
+    y: `[N, ...]` labels.
+    batch_size: examples per batch (the last one may be smaller).
+    seed: shuffling seed; None keeps the data order (evaluation). Iterating
+      the dataset again reshuffles; the sequence of orders is determined by
+      `seed` (and TensorFlow's global seed, if one is set).
+    drop_remainder: drop a last, smaller batch.
+
+  Returns:
+    A `tf.data.Dataset` of `(x_batch, y_batch)`.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  x, y = _as_tensors(x, y)
+  n = int(x.shape[0])
+  indices = tf.data.Dataset.range(n)
+  if seed is not None:
+    indices = indices.shuffle(max(n, 1), seed=seed,
+                              reshuffle_each_iteration=True)
+  indices = indices.batch(batch_size, drop_remainder=drop_remainder)
+  batches = indices.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+  return batches.prefetch(tf.data.AUTOTUNE)
