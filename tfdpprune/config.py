@@ -147,3 +147,91 @@ def _check_sparsity(name, value):
     raise ValueError(
         f"PruneConfig.{name}={value!r} must be in [0, 1) (the fraction of "
         "eligible coordinates not updated)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One DP training run (`python -m tfdpprune.train`); fields = flag names.
+
+  Data-dependent checks (delta < 1/N, the data set and model names) happen
+  when the run starts, with messages naming the flag.
+  """
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  model: str = "tutorial_cnn"
+  public_dataset: Optional[str] = None
+  public_fraction: float = 0.0
+  public_pretrain_epochs: int = 0
+  batch_size: int = 64
+  epochs: Optional[float] = 20.0
+  steps: Optional[int] = None
+  learning_rate: float = 1.0
+  momentum: float = 0.5
+  l2_norm_clip: float = 1.0
+  noise_multiplier: Optional[float] = None
+  target_epsilon: Optional[float] = 3.0
+  delta: float = 1e-5
+  accountant: str = "rdp"
+  prune: Optional[PruneConfig] = None
+  init_checkpoint: Optional[str] = None
+  seed: int = 0
+  eval_batch_size: int = 1024
+
+  def __post_init__(self):
+    def fail(name, why):
+      raise ValueError(f"--{name}={getattr(self, name)!r} {why}")
+    if (self.noise_multiplier is None) == (self.target_epsilon is None):
+      raise ValueError(
+          "give exactly one of --target_epsilon (the noise multiplier is "
+          "calibrated to it) or --noise_multiplier (epsilon is reported); got "
+          f"--target_epsilon={self.target_epsilon!r} and "
+          f"--noise_multiplier={self.noise_multiplier!r}")
+    if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+      fail("noise_multiplier", "must be >= 0")
+    if self.target_epsilon is not None and not 0 < self.target_epsilon < 1e6:
+      fail("target_epsilon", "must be in (0, 1e6)")
+    if not 0 < self.delta < 1:
+      fail("delta", "must be in (0, 1) (and below 1/N, checked at start)")
+    if not self.l2_norm_clip > 0:
+      fail("l2_norm_clip", "must be > 0")
+    if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+      fail("batch_size", "must be an integer >= 1")
+    if (self.epochs is None) == (self.steps is None):
+      raise ValueError("give exactly one of --epochs or --steps; got "
+                       f"--epochs={self.epochs!r} and --steps={self.steps!r}")
+    if self.epochs is not None and not self.epochs > 0:
+      fail("epochs", "must be > 0")
+    if self.steps is not None and not (isinstance(self.steps, int) and
+                                       self.steps >= 1):
+      fail("steps", "must be an integer >= 1")
+    if not self.learning_rate > 0:
+      fail("learning_rate", "must be > 0")
+    if not 0 <= self.momentum < 1:
+      fail("momentum", "must be in [0, 1)")
+    if self.accountant not in ("rdp", "pld"):
+      fail("accountant", "must be 'rdp' or 'pld'")
+    if not 0 <= self.public_fraction < 1:
+      fail("public_fraction", "must be in [0, 1)")
+    if self.public_fraction > 0 and self.public_dataset is not None:
+      raise ValueError("give at most one of --public_dataset and "
+                       "--public_fraction")
+    if not (isinstance(self.public_pretrain_epochs, int) and
+            self.public_pretrain_epochs >= 0):
+      fail("public_pretrain_epochs", "must be an integer >= 0")
+    has_public = self.public_dataset is not None or self.public_fraction > 0
+    if self.public_pretrain_epochs and not has_public:
+      fail("public_pretrain_epochs",
+           "needs public data: --public_dataset or --public_fraction")
+    if (self.prune is not None and self.prune.method.startswith("public") and
+        not has_public):
+      raise ValueError(
+          f"--prune_method={self.prune.method!r} needs public data: give "
+          "--public_dataset or --public_fraction")
+    if not (isinstance(self.eval_batch_size, int) and
+            self.eval_batch_size >= 1):
+      fail("eval_batch_size", "must be an integer >= 1")
+
+  def to_dict(self):
+    out = dataclasses.asdict(self)
+    out["prune"] = None if self.prune is None else self.prune.to_dict()
+    return out

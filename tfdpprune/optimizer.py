@@ -113,6 +113,10 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         self._noise_rng = tf.random.Generator.from_non_deterministic_state()
       else:
         self._noise_rng = tf.random.Generator.from_seed(noise_seed)
+      # A diagnostic computed from raw private gradients, outside the DP
+      # guarantee: the fraction of examples clipped in the last step.
+      self._clip_fraction = tf.Variable(0.0, trainable=False,
+                                        name="clip_fraction_diagnostic")
     self._track_trackable(self._noise_rng, name="noise_rng")
     self._masks = self._normalize_masks(masks)
 
@@ -129,6 +133,11 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
   @property
   def expected_batch_size(self):
     return self._expected_batch_size
+
+  @property
+  def clip_fraction(self):
+    """Fraction of examples clipped in the last step (NOT private)."""
+    return self._clip_fraction
 
   # -- masks ----------------------------------------------------------------
 
@@ -242,6 +251,9 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
       norms = tf.sqrt(sq_norms)
       clip = tf.constant(self._l2_norm_clip, norms.dtype)
       coef = clip / tf.maximum(norms, clip)
+      self._clip_fraction.assign(tf.math.divide_no_nan(
+          tf.reduce_sum(tf.cast(norms > clip, tf.float32)),
+          tf.cast(batch, tf.float32)))
       sums: Dict[object, tf.Tensor] = {}
       for fn in sum_fns:
         sums.update(fn(coef))
