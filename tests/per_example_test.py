@@ -92,16 +92,32 @@ def test_dense_on_sequences_matches_loop():
   _check(model, *_data((4, 6)))
 
 
-@pytest.mark.parametrize("padding,strides,dilation", [
-    ("same", 2, 1), ("valid", 1, 1), ("valid", 1, 2), ("same", 1, 1)])
-def test_conv2d_matches_loop(padding, strides, dilation):
+@pytest.mark.parametrize("channels", [1, 5])  # depthwise-op / patch paths
+@pytest.mark.parametrize("kernel,padding,strides,dilation", [
+    (3, "same", 2, 1), (3, "valid", 1, 1), (3, "valid", 1, 2),
+    (3, "same", 1, 1), (4, "same", 2, 1), (4, "valid", 2, 1),
+    (2, "valid", 2, 1), (8, "same", 2, 1)])
+def test_conv2d_matches_loop(channels, kernel, padding, strides, dilation):
   keras.utils.set_random_seed(3)
   model = keras.Sequential([
-      keras.Input((7, 7, 2)),
-      keras.layers.Conv2D(3, 3, strides=strides, padding=padding,
+      keras.Input((9, 9, channels)),
+      keras.layers.Conv2D(3, kernel, strides=strides, padding=padding,
                           dilation_rate=dilation, activation="relu"),
       keras.layers.Flatten(), keras.layers.Dense(3)])
-  _check(model, *_data((7, 7, 2)))
+  _check(model, *_data((9, 9, channels)))
+
+
+def test_conv2d_masked_patch_path_matches_masked_loop():
+  keras.utils.set_random_seed(11)
+  model = keras.Sequential([
+      keras.Input((8, 8, 4)),
+      keras.layers.Conv2D(3, 4, strides=2, padding="same", activation="relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+  pm = tdp.prune(model)
+  kernel = pm.layers[0].layer.kernel
+  mask = np.random.default_rng(0).integers(0, 2, kernel.shape)
+  _check(model, *_data((8, 8, 4)),
+         masks={kernel.ref(): tf.constant(mask, kernel.dtype)})
 
 
 def test_conv2d_ghost_norm_path_matches_loop():

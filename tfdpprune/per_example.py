@@ -23,6 +23,8 @@ All functions are pure, batched and loop-free over examples.
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
@@ -94,7 +96,8 @@ def _apply_out_mask(delta, mask):
   return delta * tf.cast(mask.out_vector(), delta.dtype)
 
 
-def linear_engine(a, delta, mask, kernel_shape, positions=None):
+def linear_engine(a, delta, mask, kernel_shape, positions=None,
+                  row_order=None):
   """Per-example masked norms and clipped sums of `g_i = sum_t a_it (x) d_it`.
 
   Args:
@@ -103,6 +106,9 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None):
     mask: `MaskSpec` of the kernel (reshaped to `[K, N]` internally).
     kernel_shape: the kernel's shape, `prod(kernel_shape) == K * N`.
     positions: static T (None if unknown).
+    row_order: optional `[K]` permutation: feature r of `a` is row
+      `row_order[r]` of the kernel reshaped to `[K, N]` (patches extracted in
+      a cheaper order); masks and sums are permuted to match.
 
   Returns:
     `(sq_norms [B], coef -> kernel-shaped sum)`.
@@ -111,6 +117,13 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None):
   structured = mask.is_full or mask.structure in (OUT, SCALAR)
   delta_m = _apply_out_mask(delta, mask) if structured else delta
   m2 = None if structured else tf.reshape(mask.value, [k, n])
+  if row_order is not None:
+    if m2 is not None:
+      m2 = tf.gather(m2, row_order)
+    inverse = np.argsort(row_order)
+    to_kernel = lambda s: tf.reshape(tf.gather(s, inverse), kernel_shape)
+  else:
+    to_kernel = lambda s: tf.reshape(s, kernel_shape)
 
   if positions == 1:
     a1, d1 = a[:, 0, :], delta_m[:, 0, :]
@@ -122,7 +135,7 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None):
 
     def sum_fn(coef):
       s = tf.matmul(a1, d1 * coef[:, tf.newaxis], transpose_a=True)
-      return tf.reshape(s if m2 is None else s * m2, kernel_shape)
+      return to_kernel(s if m2 is None else s * m2)
     return sq, sum_fn
 
   use_ghost = (structured and positions is not None and
@@ -134,7 +147,7 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None):
 
     def ghost_sum(coef):
       s = tf.einsum("btk,btn->kn", a, delta_m * coef[:, tf.newaxis, tf.newaxis])
-      return tf.reshape(s, kernel_shape)
+      return to_kernel(s)
     return sq, ghost_sum
 
   g = tf.einsum("btk,btn->bkn", a, delta_m)           # [B, K, N]
@@ -143,7 +156,7 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None):
   sq = tf.reduce_sum(tf.square(g), axis=[1, 2])
 
   def materialized_sum(coef):
-    return tf.reshape(tf.einsum("bkn,b->kn", g, coef), kernel_shape)
+    return to_kernel(tf.einsum("bkn,b->kn", g, coef))
   return sq, materialized_sum
 
 
@@ -219,20 +232,27 @@ class _KernelBiasSampler(Sampler):
     """`[B, T, K]` activations seen by the kernel."""
     raise NotImplementedError
 
-  def per_example(self, layer, captures, masks):
+  def _kernel_result(self, layer, captures, mask) -> LayerResult:
+    """Norms and sums of the kernel (patches or inputs times deltas)."""
     if len(captures) == 1:
       capture, delta = captures[0]
-      a = self._a(layer, capture.inputs)
+      a, order = self._a(layer, capture.inputs)
       d = _flatten_positions(delta)
       positions = _positions(delta) if delta.shape.rank > 2 else 1
     else:  # a shared layer: concatenate calls along positions, materialize.
-      a = tf.concat([self._a(layer, c.inputs) for c, _ in captures], axis=1)
+      parts = [self._a(layer, c.inputs) for c, _ in captures]
+      a = tf.concat([p for p, _ in parts], axis=1)
+      order = parts[0][1]
       d = tf.concat([_flatten_positions(dl) for _, dl in captures], axis=1)
       positions = None
+    return linear_engine(a, d, mask, layer.kernel.shape, positions, order)
+
+  def per_example(self, layer, captures, masks):
+    d = tf.concat([_flatten_positions(dl) for _, dl in captures], axis=1)
     results = {}
     if "kernel" in masks:
-      results["kernel"] = linear_engine(
-          a, d, masks["kernel"], layer.kernel.shape, positions)
+      results["kernel"] = self._kernel_result(layer, captures,
+                                              masks["kernel"])
     if "bias" in masks:
       results["bias"] = materialized_engine(
           tf.reduce_sum(d, axis=1), masks["bias"])
@@ -250,7 +270,7 @@ def _combine(results: Dict[str, LayerResult]) -> LayerResult:
 class DenseSampler(_KernelBiasSampler):
 
   def _a(self, layer, inputs):
-    return _flatten_positions(tf.cast(inputs, layer.kernel.dtype))
+    return _flatten_positions(tf.cast(inputs, layer.kernel.dtype)), None
 
 
 class Conv2DSampler(_KernelBiasSampler):
@@ -263,15 +283,99 @@ class Conv2DSampler(_KernelBiasSampler):
       return "grouped convolution"
     return None
 
+  # Per-example kernels straight from one depthwise filter-gradient op when
+  # the input has at most this many channels (the first layer of an image
+  # model); beyond that, patches are cheaper.
+  DEPTHWISE_MAX_CHANNELS = 3
+
   def _a(self, layer, inputs):
+    x = tf.cast(inputs, layer.kernel.dtype)
     kh, kw = layer.kernel_size
     sh, sw = layer.strides
     dh, dw = layer.dilation_rate
+    if (sh == sw and kh % sh == 0 and kw % sw == 0 and dh == dw == 1 and
+        x.shape[1] is not None and x.shape[2] is not None):
+      return _strided_patches(x, kh, kw, sh, layer.padding.upper())
     patches = tf.image.extract_patches(
-        tf.cast(inputs, layer.kernel.dtype), sizes=[1, kh, kw, 1],
-        strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-        padding=layer.padding.upper())
-    return _flatten_positions(patches)
+        x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+        rates=[1, dh, dw, 1], padding=layer.padding.upper())
+    return _flatten_positions(patches), None
+
+  def _kernel_result(self, layer, captures, mask):
+    cin = layer.kernel.shape[2]
+    if (len(captures) == 1 and cin <= self.DEPTHWISE_MAX_CHANNELS and
+        tuple(layer.dilation_rate) == (1, 1)):
+      capture, delta = captures[0]
+      return materialized_engine(
+          _conv2d_per_example_kernels(layer, capture.inputs, delta), mask)
+    return super()._kernel_result(layer, captures, mask)
+
+
+def _same_padding(size, k, s):
+  out = -(-size // s)
+  total = max((out - 1) * s + k - size, 0)
+  return out, total // 2, total - total // 2
+
+
+def _strided_patches(x, kh, kw, s, padding):
+  """Conv patches `[B, T, kh*kw*C]` via space_to_depth and slices.
+
+  For kernels that are multiples of the stride, a stride-s window over x is a
+  stride-1 window of (kh/s, kw/s) over `space_to_depth(x, s)`: (kh*kw)/s^2
+  slices instead of a general patch gather. Features come out in another
+  order; the returned permutation maps them to the kernel's rows.
+  """
+  _, h, w, c = x.shape
+  if padding == "SAME":
+    ho, top, bottom = _same_padding(h, kh, s)
+    wo, left, right = _same_padding(w, kw, s)
+  else:
+    ho, top, bottom = (h - kh) // s + 1, 0, 0
+    wo, left, right = (w - kw) // s + 1, 0, 0
+  x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+  hp, wp = (ho - 1) * s + kh, (wo - 1) * s + kw  # rows/cols actually used
+  x = x[:, :hp, :wp, :]
+  if s > 1:
+    x = tf.nn.space_to_depth(x, s)
+  qh, qw = kh // s, kw // s
+  slices = [x[:, a:a + ho, b:b + wo, :] for a in range(qh) for b in range(qw)]
+  patches = tf.concat(slices, axis=-1) if len(slices) > 1 else slices[0]
+  order = np.empty(kh * kw * c, dtype=np.int64)
+  f = 0
+  for a in range(qh):
+    for b in range(qw):
+      for dy in range(s):
+        for dx in range(s):
+          for ch in range(c):
+            order[f] = ((a * s + dy) * kw + (b * s + dx)) * c + ch
+            f += 1
+  return tf.reshape(patches, [-1, ho * wo, kh * kw * c]), order
+
+
+def _conv2d_per_example_kernels(layer, inputs, delta):
+  """`[B, kh, kw, Cin, N]` per-example kernel gradients in one op.
+
+  Folding the batch into channels, a depthwise convolution of the
+  `[1, H, W, B*Cin]` input with multiplier N has, as its filter gradient for
+  output gradients `delta` tiled over Cin, exactly the per-example kernels.
+  """
+  kh, kw, cin, n = layer.kernel.shape
+  sh, sw = layer.strides
+  x = tf.cast(inputs, layer.kernel.dtype)
+  b = tf.shape(x)[0]
+  h, w = x.shape[1], x.shape[2]
+  x = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, -1])
+  ho, wo = delta.shape[1], delta.shape[2]
+  d = tf.cast(delta, layer.kernel.dtype)
+  if cin > 1:
+    d = tf.broadcast_to(d[:, :, :, tf.newaxis, :], [b, ho, wo, cin, n])
+  d = tf.reshape(tf.transpose(tf.reshape(d, [b, ho, wo, cin * n]),
+                              [1, 2, 0, 3]), [1, ho, wo, -1])
+  g = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+      x, [kh, kw, b * cin, n], d, strides=[1, sh, sw, 1],
+      padding=layer.padding.upper())                     # [kh, kw, B*Cin, N]
+  g = tf.reshape(g, [kh, kw, b, cin, n])
+  return tf.transpose(g, [2, 0, 1, 3, 4])
 
 
 class Conv1DSampler(_KernelBiasSampler):
@@ -294,7 +398,7 @@ class Conv1DSampler(_KernelBiasSampler):
     patches = tf.image.extract_patches(
         x[:, tf.newaxis], sizes=[1, 1, k, 1], strides=[1, 1, s, 1],
         rates=[1, 1, d, 1], padding=padding)
-    return _flatten_positions(patches)
+    return _flatten_positions(patches), None
 
 
 class DepthwiseConv2DSampler(Sampler):
