@@ -1,0 +1,150 @@
+"""PrivacyCallback: epsilon in logs and TensorBoard, budget stop, resume."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from tfdpprune import accounting
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+from tfdpprune.callbacks import PrivacyCallback
+
+# 64 examples in batches of 8: 8 optimizer steps per epoch, q = 1/8.
+N, B, SIGMA = 64, 8, 1.0
+
+
+def _eps(steps):
+  return accounting.compute_epsilon(N, B, SIGMA, steps=steps)
+
+
+def _model(steps_per_execution=1, optimizer=None):
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+  model.compile(optimizer=optimizer or keras.optimizers.legacy.SGD(0.01),
+                loss="mse", steps_per_execution=steps_per_execution)
+  return model
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(N, 4)).astype("float32"),
+          rng.normal(size=(N, 1)).astype("float32"))
+
+
+def _fit(model, callback, epochs):
+  x, y = _data()
+  return model.fit(x, y, batch_size=B, epochs=epochs, shuffle=False,
+                   verbose=0, callbacks=[callback])
+
+
+def _iterations(model):
+  return int(model.optimizer.iterations.numpy())
+
+
+def test_history_epsilon_equals_compute_epsilon_at_optimizer_steps():
+  model, cb = _model(), PrivacyCallback(N, B, SIGMA)
+  history = _fit(model, cb, epochs=3)
+  assert _iterations(model) == 24
+  assert history.history["epsilon"] == [_eps(8), _eps(16), _eps(24)]
+  assert cb.epsilon == _eps(24)
+  assert cb.max_steps is None
+
+
+def test_epsilon_counts_steps_across_fits():
+  model = _model()
+  _fit(model, PrivacyCallback(N, B, SIGMA), epochs=2)
+  # A new callback in a second fit reads the optimizer's 16 earlier steps.
+  history = _fit(model, PrivacyCallback(N, B, SIGMA), epochs=1)
+  assert history.history["epsilon"] == [_eps(24)]
+
+
+def test_epsilon_survives_checkpoint_restore(tmp_path):
+  model = _model()
+  _fit(model, PrivacyCallback(N, B, SIGMA), epochs=2)
+  path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+      str(tmp_path / "ckpt"))
+  restored = _model()
+  tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(
+      path)
+  cb = PrivacyCallback(N, B, SIGMA)
+  cb.set_model(restored)
+  assert cb.steps == 16
+  assert cb.epsilon == _eps(16)
+
+
+def test_budget_stops_at_the_largest_step_count_within_target():
+  # eps(13) = 4.388 <= target = 4.44 < eps(14) = 4.495.
+  target = (_eps(13) + _eps(14)) / 2
+  model, cb = _model(), PrivacyCallback(N, B, SIGMA, target_epsilon=target)
+  assert cb.max_steps == 13
+  history = _fit(model, cb, epochs=5)
+  assert _iterations(model) == 13
+  assert _eps(13) <= target < _eps(14)
+  assert history.history["epsilon"] == [_eps(8), _eps(13)]
+
+
+def test_budget_with_steps_per_execution_does_not_split_an_execution():
+  target = (_eps(13) + _eps(14)) / 2
+  model = _model(steps_per_execution=4)
+  _fit(model, PrivacyCallback(N, B, SIGMA, target_epsilon=target), epochs=5)
+  assert _iterations(model) == 12  # 12 + 4 > 13
+
+
+def test_fit_after_budget_is_spent_raises():
+  target = (_eps(13) + _eps(14)) / 2
+  model, cb = _model(), PrivacyCallback(N, B, SIGMA, target_epsilon=target)
+  _fit(model, cb, epochs=5)
+  with pytest.raises(RuntimeError, match="budget"):
+    _fit(model, cb, epochs=1)
+  assert _iterations(model) == 13
+
+
+def _read_scalars(log_dir):
+  """{tag: [(step, value)]} and {tag: plugin names} of the event files."""
+  scalars, plugins = {}, {}
+  for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(
+            (event.step, float(tf.make_ndarray(value.tensor))))
+        if value.metadata.plugin_data.plugin_name:
+          plugins.setdefault(value.tag, set()).add(
+              value.metadata.plugin_data.plugin_name)
+  return scalars, plugins
+
+
+def test_tensorboard_gets_privacy_epsilon_at_optimizer_steps(tmp_path):
+  model = _model()
+  _fit(model, PrivacyCallback(N, B, SIGMA, log_dir=str(tmp_path)), epochs=2)
+  scalars, plugins = _read_scalars(str(tmp_path))
+  assert plugins["privacy/epsilon"] == {"scalars"}  # TensorBoard's scalars
+  steps, values = zip(*sorted(scalars["privacy/epsilon"]))
+  assert steps == (0, 8, 16)
+  np.testing.assert_allclose(values, [0.0, _eps(8), _eps(16)], rtol=1e-6)
+  assert {v for _, v in scalars["privacy/noise_multiplier"]} == {SIGMA}
+
+
+def test_noise_multiplier_must_match_the_optimizers():
+
+  class NoisySGD(keras.optimizers.legacy.SGD):
+    noise_multiplier = 2.0
+
+  model = _model(optimizer=NoisySGD(0.01))
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    _fit(model, PrivacyCallback(N, B, SIGMA), epochs=1)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(delta=2.0), "delta"),
+    (dict(batch_size=N + 1), "batch_size"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(target_epsilon=0.0), "target_epsilon"),
+    (dict(accountant="moments"), "accountant"),
+])
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
+  args = dict(num_examples=N, batch_size=B, noise_multiplier=SIGMA)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=rf"\b{name}="):
+    PrivacyCallback(**args)

@@ -1,0 +1,166 @@
+"""Keras callbacks: privacy accounting (epsilon, budget stop) in `fit`.
+
+The step count always comes from the optimizer (`optimizer.iterations`), the
+steps that really happened; it is a checkpointed variable, so a resumed run
+reports the same epsilon as an uninterrupted one.
+"""
+
+import math
+import numbers
+from typing import Optional
+
+from tfdpprune import accounting
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+
+# What `tf.summary.scalar` writes, without needing the `tensorboard` package
+# (TensorFlow 2.21 does not install it): a float32 scalar tagged for the
+# TensorBoard scalars plugin.
+_SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
+    plugin_data=dict(plugin_name="scalars"), data_class="DATA_CLASS_SCALAR")
+
+
+def write_scalar(tag: str, value: float, step: int) -> None:
+  """Writes a TensorBoard scalar to the default summary writer."""
+  tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
+                   metadata=_SCALAR_METADATA)
+
+
+class PrivacyCallback(keras.callbacks.Callback):
+  """Reports DP-SGD's epsilon and stops training at a privacy budget.
+
+  - At each epoch end, adds `epsilon` (at the optimizer's step count) to the
+    logs, so the progress bar and `History` show it, and writes the scalars
+    `privacy/epsilon` and `privacy/noise_multiplier` to TensorBoard at
+    step = `optimizer.iterations` (also at train begin).
+  - With `target_epsilon`, the step budget `max_steps` (the largest step count
+    whose epsilon is <= target) is computed once, at construction; after each
+    batch, training stops if the next batch would exceed it (an integer
+    comparison; the accountant is not called per batch). Training therefore
+    ends at exactly `max_steps` steps when the data allow it, or earlier with
+    `steps_per_execution` > 1 (a batch of k steps is not split).
+
+  Epsilon assumes Poisson sampling with rate q = batch_size / num_examples
+  (see `tfdpprune.accounting`).
+
+  ```python
+  import tfdpprune as tdp
+  from tfdpprune.callbacks import PrivacyCallback
+  cb = PrivacyCallback(num_examples=60000, batch_size=256,
+                       noise_multiplier=1.1, target_epsilon=3.0,
+                       log_dir="/tmp/run")
+  model.fit(x, y, batch_size=256, epochs=100, callbacks=[cb])
+  print(cb.epsilon, cb.max_steps)   # <= 3.0, 18338
+  ```
+
+  Args:
+    num_examples: N, the size of the private training set.
+    batch_size: B, the (expected) batch size; q = B / N.
+    noise_multiplier: sigma of the DP optimizer. If the optimizer exposes a
+      `noise_multiplier` attribute, it must be equal (checked at train begin).
+    delta: in (0, 1).
+    target_epsilon: optional budget > 0; training stops before exceeding it.
+    log_dir: optional TensorBoard directory, or a `tf.summary.SummaryWriter`
+      to share with other summaries.
+    accountant: "rdp" or "pld" (`tfdpprune.accounting`).
+
+  Attributes:
+    spec: the validated `accounting.PrivacySpec`.
+    target_epsilon: the budget, or None.
+    max_steps: the step budget (an int), or None without `target_epsilon`.
+    steps, epsilon: properties, the optimizer's step count and the epsilon
+      there (they need the model).
+
+  Raises:
+    ValueError: naming the argument, if an argument is out of range; at train
+      begin, if the optimizer's `noise_multiplier` differs.
+    RuntimeError: at train begin, if the budget is already spent (Keras runs
+      the first batch before it looks at `stop_training`).
+  """
+
+  def __init__(self,
+               num_examples: int,
+               batch_size: int,
+               noise_multiplier: float,
+               delta: float = 1e-5,
+               target_epsilon: Optional[float] = None,
+               log_dir=None,
+               accountant: str = "rdp"):
+    super().__init__()
+    self.spec = accounting.PrivacySpec(num_examples, batch_size,
+                                       noise_multiplier, delta, accountant)
+    self.target_epsilon = target_epsilon
+    self.max_steps = (None if target_epsilon is None else
+                      self.spec.max_steps(target_epsilon))
+    self.log_dir = log_dir
+    self._writer = (log_dir if isinstance(log_dir, tf.summary.SummaryWriter)
+                    else None)
+    self._k = 1  # steps per execution of the train function, set per fit
+    # Batch hooks only read the optimizer's step; logs stay as tensors.
+    self._supports_tf_logs = True
+
+  @property
+  def steps(self) -> int:
+    """The optimizer's step count (`model.optimizer.iterations`)."""
+    optimizer = getattr(self.model, "optimizer", None)
+    if optimizer is None:
+      raise RuntimeError("PrivacyCallback needs a compiled model: it reads "
+                         "the step count from model.optimizer.iterations")
+    return int(keras.backend.get_value(optimizer.iterations))
+
+  @property
+  def epsilon(self) -> float:
+    """Epsilon at the optimizer's current step count (cached per step)."""
+    return self.spec.epsilon(self.steps)
+
+  def _steps_per_execution(self) -> int:
+    spe = getattr(self.model, "_steps_per_execution", None)
+    return 1 if spe is None else int(keras.backend.get_value(spe))
+
+  def _check_noise_multiplier(self):
+    sigma = getattr(self.model.optimizer, "noise_multiplier", None)
+    if (isinstance(sigma, numbers.Real) and
+        not math.isclose(sigma, self.spec.noise_multiplier, rel_tol=1e-9)):
+      raise ValueError(
+          f"PrivacyCallback noise_multiplier={self.spec.noise_multiplier!r} "
+          f"differs from the optimizer's noise_multiplier={sigma!r}; epsilon "
+          "would describe a different mechanism than the one trained")
+
+  def _write(self, epsilon: float):
+    if self._writer is None:
+      return
+    step = self.steps
+    with self._writer.as_default():
+      write_scalar("privacy/epsilon", epsilon, step)
+      write_scalar("privacy/noise_multiplier", self.spec.noise_multiplier,
+                   step)
+
+  def on_train_begin(self, logs=None):
+    self._check_noise_multiplier()
+    self._k = self._steps_per_execution()
+    if self.max_steps is not None:
+      steps, k = self.steps, self._k
+      if steps + k > self.max_steps:
+        raise RuntimeError(
+            f"The privacy budget target_epsilon={self.target_epsilon!r} is "
+            f"spent: the optimizer has taken {steps} of max_steps="
+            f"{self.max_steps} steps (epsilon={self.epsilon:.4g}), and one "
+            f"more execution of {k} step(s) would exceed it.")
+    if self.log_dir is not None and self._writer is None:
+      self._writer = tf.summary.create_file_writer(self.log_dir)
+    self._write(self.epsilon)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if (self.max_steps is not None and
+        self.steps + self._k > self.max_steps):
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    epsilon = self.epsilon
+    if logs is not None:
+      logs["epsilon"] = epsilon
+    self._write(epsilon)
+
+  def on_train_end(self, logs=None):
+    if self._writer is not None:
+      self._writer.flush()
