@@ -15,6 +15,7 @@ opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
 
 from tfdpprune._compat import keras
 from tfdpprune import accounting
+from tfdpprune.callbacks import PrivacyCallback
 from tfdpprune.config import PruneConfig
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
 from tfdpprune.pruning import prune
@@ -23,6 +24,6 @@ from tfdpprune.pruning import strip
 
 __all__ = [
     "keras", "accounting", "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune",
-    "PruneWrapper", "strip",
+    "PrivacyCallback", "PruneWrapper", "strip",
 ]
 __version__ = "0.1.0"

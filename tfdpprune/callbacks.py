@@ -1,15 +1,18 @@
-"""Keras callbacks: privacy accounting (epsilon, budget stop) in `fit`.
+"""Keras callbacks: privacy accounting (epsilon, budget stop), step limits,
+checkpoints and TensorBoard summaries (one writer per run) in `fit`.
 
 The step count always comes from the optimizer (`optimizer.iterations`), the
 steps that really happened; it is a checkpointed variable, so a resumed run
 reports the same epsilon as an uninterrupted one.
 """
 
+import json
 import math
 import numbers
 from typing import Optional
 
 from tfdpprune import accounting
+from tfdpprune import masks as masks_lib
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
@@ -164,3 +167,98 @@ class PrivacyCallback(keras.callbacks.Callback):
   def on_train_end(self, logs=None):
     if self._writer is not None:
       self._writer.flush()
+
+
+class StepLimit(keras.callbacks.Callback):
+  """Stops training when the optimizer has taken `steps` steps in total."""
+
+  def __init__(self, steps):
+    super().__init__()
+    self.steps = int(steps)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if int(self.model.optimizer.iterations.numpy()) >= self.steps:
+      self.model.stop_training = True
+
+
+class CheckpointEveryEpoch(keras.callbacks.Callback):
+  """Saves a `tf.train.CheckpointManager` every epoch and on request.
+
+  `should_stop()` (e.g. a SIGTERM flag) is polled after every step; when it
+  is true the callback saves and stops training at that step boundary.
+  """
+
+  def __init__(self, manager, should_stop=None):
+    super().__init__()
+    self.manager = manager
+    self.should_stop = should_stop or (lambda: False)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.should_stop():
+      self.manager.save()
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.manager.save()
+
+
+class SparsitySummaries(keras.callbacks.Callback):
+  """Writes `sparsity/<layer>` (fraction updated) and `sparsity/overall`."""
+
+  def __init__(self, writer):
+    super().__init__()
+    self.writer = writer
+
+  def on_epoch_end(self, epoch, logs=None):
+    write_sparsity(self.writer, self.model,
+                   int(self.model.optimizer.iterations.numpy()))
+
+
+def write_sparsity(writer, model, step):
+  with writer.as_default():
+    for name, value in masks_lib.density(model).items():
+      write_scalar(f"sparsity/{name}", value, step=step)
+
+
+class TrainingSummaries(keras.callbacks.Callback):
+  """One writer for a run's TensorBoard scalars (chief only).
+
+  Tags: `train/loss`, `train/accuracy`, `eval/loss`, `eval/accuracy`,
+  `privacy/epsilon`, `privacy/noise_multiplier`, `sparsity/...`, and
+  `diagnostics_nonprivate/clip_fraction` (computed from raw per-example
+  gradients: outside the DP guarantee). The config is written as text at
+  step 0.
+  """
+
+  def __init__(self, writer, config: dict):
+    super().__init__()
+    self.writer = writer
+    self.config = config
+
+  def on_train_begin(self, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    with self.writer.as_default():
+      if step == 0:
+        tf.summary.text("config", "```\n" + json.dumps(self.config, indent=2)
+                        + "\n```", step=0)
+    write_sparsity(self.writer, self.model, step)
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    opt = self.model.optimizer
+    step = int(opt.iterations.numpy())
+    with self.writer.as_default():
+      for key, tag in (("loss", "train/loss"), ("accuracy", "train/accuracy"),
+                       ("val_loss", "eval/loss"),
+                       ("val_accuracy", "eval/accuracy"),
+                       ("epsilon", "privacy/epsilon")):
+        if key in logs:
+          write_scalar(tag, logs[key], step=step)
+      if hasattr(opt, "noise_multiplier"):
+        write_scalar("privacy/noise_multiplier", opt.noise_multiplier,
+                     step=step)
+      if hasattr(opt, "clip_fraction"):
+        write_scalar("diagnostics_nonprivate/clip_fraction",
+                     float(opt.clip_fraction.numpy()), step=step)
+    write_sparsity(self.writer, self.model, step)
+    self.writer.flush()

@@ -158,15 +158,15 @@ class TrainConfig:
   """
   dataset: str = "digits"
   data_dir: Optional[str] = None
-  model: str = "tutorial_cnn"
+  model: str = "mlp"
   public_dataset: Optional[str] = None
   public_fraction: float = 0.0
   public_pretrain_epochs: int = 0
-  batch_size: int = 64
-  epochs: Optional[float] = 20.0
+  batch_size: int = 128
+  epochs: Optional[float] = 30.0
   steps: Optional[int] = None
-  learning_rate: float = 1.0
-  momentum: float = 0.5
+  learning_rate: float = 0.05
+  momentum: float = 0.9
   l2_norm_clip: float = 1.0
   noise_multiplier: Optional[float] = None
   target_epsilon: Optional[float] = 3.0

@@ -1,0 +1,234 @@
+"""The training loop of `python -m tfdpprune.train`: build, restore, train,
+evaluate, log, save. Flags are parsed in `train.py`; this module takes a
+validated `TrainConfig` and a working directory.
+"""
+
+import json
+import math
+import os
+import platform
+import signal
+import time
+from typing import Optional
+
+from absl import logging
+
+from tfdpprune import accounting
+from tfdpprune import callbacks as callbacks_lib
+from tfdpprune import data as data_lib
+from tfdpprune import masks as masks_lib
+from tfdpprune import models as models_lib
+from tfdpprune import pruning
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+from tfdpprune.config import TrainConfig
+from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+
+RESULTS = "results.json"
+CONFIG = "config.json"
+
+
+def _versions():
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  import tfdpprune  # pylint: disable=g-import-not-at-top
+  out = {"python": platform.python_version(), "tensorflow": tf.__version__,
+         "tfdpprune": tfdpprune.__version__,
+         "dp_accounting": getattr(dp_accounting, "__version__", None)}
+  for pkg in ("tf-keras", "tensorflow-privacy", "dp-accounting"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def _flag_error(flag, value, error):
+  return ValueError(f"--{flag}={value!r}: {error}")
+
+
+def load_data(config: TrainConfig):
+  """(private Dataset, public (x, y) or None), never counting public in N."""
+  try:
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
+  except (ValueError, FileNotFoundError) as e:
+    raise _flag_error("dataset", config.dataset, e) from e
+  public = None
+  if config.public_dataset is not None:
+    try:
+      pub = data_lib.load_dataset(config.public_dataset)
+    except (ValueError, FileNotFoundError) as e:
+      raise _flag_error("public_dataset", config.public_dataset, e) from e
+    if pub.x_train.shape[1:] != dataset.x_train.shape[1:]:
+      raise _flag_error(
+          "public_dataset", config.public_dataset,
+          f"images of shape {pub.x_train.shape[1:]} do not match the "
+          f"private data's {dataset.x_train.shape[1:]}")
+    public = (pub.x_train, pub.y_train)
+  elif config.public_fraction > 0:
+    dataset, public = data_lib.split_public(dataset, config.public_fraction,
+                                            seed=config.seed)
+  return dataset, public
+
+
+def plan(config: TrainConfig, num_examples: int):
+  """(steps, sampling probability, noise multiplier) of the run."""
+  if config.delta >= 1.0 / num_examples:
+    raise _flag_error("delta", config.delta,
+                      f"must be < 1/N = {1.0 / num_examples:.3g} for N = "
+                      f"{num_examples} private training examples")
+  if config.batch_size > num_examples:
+    raise _flag_error("batch_size", config.batch_size,
+                      f"must be <= N = {num_examples}")
+  q = config.batch_size / num_examples
+  steps = config.steps or int(math.ceil(config.epochs / q))
+  sigma = config.noise_multiplier
+  if sigma is None:
+    sigma = accounting.compute_noise_multiplier(
+        config.target_epsilon, num_examples, config.batch_size, steps=steps,
+        delta=config.delta, accountant=config.accountant)
+  return steps, q, float(sigma)
+
+
+def _loss():
+  return keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=keras.losses.Reduction.NONE)
+
+
+def build_model(config: TrainConfig, dataset, public):
+  """The model with masks (public data only), before any DP step."""
+  keras.utils.set_random_seed(config.seed)
+  try:
+    model = models_lib.get_model(config.model, dataset.input_shape,
+                                 dataset.num_classes)
+  except ValueError as e:
+    raise _flag_error("model", config.model, e) from e
+  models_lib.check_dp_compatible(model)
+  if config.init_checkpoint:
+    model.load_weights(config.init_checkpoint)
+  if public is not None and config.public_pretrain_epochs:
+    model.compile(keras.optimizers.legacy.SGD(config.learning_rate * 0.1,
+                                              momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data_lib.shuffled_batches(*public, config.batch_size,
+                                        seed=config.seed),
+              epochs=config.public_pretrain_epochs, verbose=0)
+  needs_public = (config.prune is not None and
+                  config.prune.method.startswith("public"))
+  return pruning.prune(model, config.prune,
+                       public_data=public if needs_public else None)
+
+
+class _Terminate:
+  """SIGTERM -> checkpoint at the next step boundary, then stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: TrainConfig, workdir: str, *, verbose: int = 1) -> Optional[dict]:
+  """Trains (or resumes) one run in `workdir`; returns the results dict.
+
+  Returns None if the run was stopped by SIGTERM (after checkpointing);
+  running it again resumes from the checkpoint.
+  """
+  start_time = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG), "w") as f:
+    json.dump(config.to_dict(), f, indent=2)
+
+  # -- input -----------------------------------------------------------------
+  dataset, public = load_data(config)
+  n = dataset.num_train
+  steps, q, sigma = plan(config, n)
+  logging.info("N=%d private examples, q=%.4g, %d steps, sigma=%.4f", n, q,
+               steps, sigma)
+
+  # -- model & optimizer ----------------------------------------------------
+  model = build_model(config, dataset, public)
+  optimizer = MaskedDPKerasSGDOptimizer(
+      config.l2_norm_clip, sigma, learning_rate=config.learning_rate,
+      momentum=config.momentum, expected_batch_size=config.batch_size,
+      noise_seed=config.seed)
+  model.compile(optimizer, _loss(), metrics=["accuracy"])
+
+  # -- restore ----------------------------------------------------------------
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=2)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s at step %d", manager.latest_checkpoint,
+                 int(optimizer.iterations.numpy()))
+  start = int(optimizer.iterations.numpy())
+
+  # -- train ------------------------------------------------------------------
+  steps_per_epoch = max(1, int(round(1.0 / q)))
+  epochs = int(math.ceil(steps / steps_per_epoch))
+  train = data_lib.poisson_batches(dataset.x_train, dataset.y_train, q, steps,
+                                   seed=config.seed, start_step=start)
+  test = data_lib.shuffled_batches(dataset.x_test, dataset.y_test,
+                                   config.eval_batch_size, seed=None)
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  with _Terminate() as terminate:
+    callbacks = [
+        callbacks_lib.PrivacyCallback(n, config.batch_size, sigma,
+                                      delta=config.delta,
+                                      accountant=config.accountant),
+        callbacks_lib.StepLimit(steps),
+        callbacks_lib.TrainingSummaries(writer, config.to_dict()),
+        callbacks_lib.CheckpointEveryEpoch(manager,
+                                           lambda: terminate.requested),
+    ]
+    if start < steps:
+      model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                initial_epoch=min(start // steps_per_epoch, epochs - 1),
+                validation_data=test, callbacks=callbacks, verbose=verbose)
+    if terminate.requested:
+      manager.save()
+      logging.warning("SIGTERM: checkpointed at step %d; rerun to resume",
+                      int(optimizer.iterations.numpy()))
+      return None
+  manager.save()
+
+  # -- evaluate & save ----------------------------------------------------------
+  done = int(optimizer.iterations.numpy())
+  test_loss, test_accuracy = model.evaluate(test, verbose=0)
+  epsilon = accounting.compute_epsilon(n, config.batch_size, sigma, steps=done,
+                                       delta=config.delta,
+                                       accountant=config.accountant)
+  density = masks_lib.density(model)
+  results = {
+      "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
+      "epsilon": float(epsilon), "delta": config.delta,
+      "noise_multiplier": sigma, "l2_norm_clip": config.l2_norm_clip,
+      "steps": done, "sampling_probability": q, "num_examples": n,
+      "batch_size": config.batch_size, "accountant": config.accountant,
+      "sparsity": 1.0 - density["overall"], "density": density,
+      "wall_time_s": time.time() - start_time, "resumed_from_step": start,
+      "versions": _versions(), "config": config.to_dict(),
+  }
+  with writer.as_default():
+    callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)
+  writer.flush()
+  tmp = os.path.join(workdir, RESULTS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, RESULTS))
+  return results

@@ -1,0 +1,179 @@
+r"""`python -m tfdpprune.train`: DP-SGD with pruning from the command line.
+
+Intentionally short: flags are defined here and turned into a validated
+`TrainConfig` once; the loop lives in `experiment.py`.
+
+  python -m tfdpprune.train                     # digits, about a minute
+  python -m tfdpprune.train --flagfile=flags/fashion_mnist/freeze_random_90.cfg
+
+Rerunning the same command (same --workdir) resumes from the last checkpoint.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from tfdpprune import experiment
+from tfdpprune.config import PruneConfig
+from tfdpprune.config import TrainConfig
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_D = TrainConfig()
+
+# -- run ------------------------------------------------------------------------
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, "
+                    "results.json). Default: runs/<dataset>-<model>-<hash of "
+                    "the flags>, so the same command resumes the same run.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of init, sampling, noise, masks.")
+flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line.")
+# -- data -----------------------------------------------------------------------
+flags.DEFINE_string("dataset", _D.dataset, "digits | mnist | fashion_mnist | "
+                    "emnist | cifar10 | cifar100 | svhn_cropped | an IDX "
+                    "directory | an .npz file.")
+flags.DEFINE_string("data_dir", None, "Directory of the data set's files.")
+flags.DEFINE_string("public_dataset", None, "Public data set (never in N).")
+flags.DEFINE_float("public_fraction", _D.public_fraction, "Held-out public "
+                   "fraction of the training split, in [0, 1).")
+flags.DEFINE_integer("public_pretrain_epochs", _D.public_pretrain_epochs,
+                     "Non-private pre-training epochs on the public data.")
+# -- model ----------------------------------------------------------------------
+flags.DEFINE_string("model", _D.model, "Model name from tfdpprune.models.")
+flags.DEFINE_string("init_checkpoint", None, "Pre-trained weights to start "
+                    "from (model.load_weights path).")
+# -- privacy & optimization ------------------------------------------------------
+flags.DEFINE_float("target_epsilon", None, "Target epsilon: the noise "
+                   f"multiplier is calibrated. Default {_D.target_epsilon} "
+                   "unless --noise_multiplier is given.")
+flags.DEFINE_float("noise_multiplier", None, "Noise multiplier sigma >= 0 "
+                   "(epsilon is reported). Exclusive with --target_epsilon.")
+flags.DEFINE_float("delta", _D.delta, "Delta, in (0, 1/N).")
+flags.DEFINE_float("l2_norm_clip", _D.l2_norm_clip, "Per-example clip C > 0.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Expected batch size "
+                     "(Poisson sampling, q = batch_size / N).")
+flags.DEFINE_float("epochs", None, f"Epochs (default {_D.epochs}); exclusive "
+                   "with --steps.")
+flags.DEFINE_integer("steps", None, "Optimizer steps; exclusive with --epochs.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "SGD learning rate.")
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum in [0, 1).")
+flags.DEFINE_enum("accountant", _D.accountant, ["rdp", "pld"], "Accountant.")
+# -- pruning (1:1 onto tdp.PruneConfig) ------------------------------------------
+_P = PruneConfig()
+flags.DEFINE_enum("prune_mode", "none", ["none", "freeze", "select"],
+                  "PruneConfig.mode; none trains every coordinate.")
+flags.DEFINE_string("prune_method", _P.method, "PruneConfig.method: random | "
+                    "magnitude | public_gradient | public_saliency.")
+flags.DEFINE_float("sparsity", _P.sparsity, "PruneConfig.sparsity, [0, 1).")
+flags.DEFINE_string("prune_scope", _P.scope, "PruneConfig.scope.")
+flags.DEFINE_string("granularity", _P.granularity, "PruneConfig.granularity.")
+flags.DEFINE_string("pruned", None, "PruneConfig.pruned (freeze): zero|keep.")
+flags.DEFINE_integer("every_k_steps", None, "PruneConfig.every_k_steps.")
+flags.DEFINE_list("sparsity_schedule", None, "PruneConfig.sparsity_schedule "
+                  "as step:sparsity pairs, e.g. 0:0.5,100:0.9.")
+flags.DEFINE_string("prune_layers", None, "PruneConfig.layers (regex).")
+flags.DEFINE_string("prune_weights", _P.weights, "PruneConfig.weights.")
+flags.DEFINE_integer("prune_seed", None, "PruneConfig.seed (default --seed).")
+
+FLAGS = flags.FLAGS
+
+# PruneConfig field -> flag, to name the flag in validation errors.
+_PRUNE_FLAGS = {"mode": "prune_mode", "method": "prune_method",
+                "sparsity": "sparsity", "scope": "prune_scope",
+                "granularity": "granularity", "pruned": "pruned",
+                "every_k_steps": "every_k_steps",
+                "sparsity_schedule": "sparsity_schedule",
+                "layers": "prune_layers", "weights": "prune_weights",
+                "seed": "prune_seed"}
+
+
+def _prune_config():
+  if FLAGS.prune_mode == "none":
+    return None
+  schedule = None
+  if FLAGS.sparsity_schedule:
+    try:
+      schedule = tuple((int(s), float(v)) for s, v in
+                       (p.split(":") for p in FLAGS.sparsity_schedule))
+    except ValueError as e:
+      raise ValueError(f"--sparsity_schedule={FLAGS.sparsity_schedule!r}: "
+                       "expected step:sparsity pairs") from e
+  try:
+    return PruneConfig(
+        mode=FLAGS.prune_mode, method=FLAGS.prune_method,
+        sparsity=FLAGS.sparsity, scope=FLAGS.prune_scope,
+        granularity=FLAGS.granularity, pruned=FLAGS.pruned,
+        every_k_steps=FLAGS.every_k_steps, sparsity_schedule=schedule,
+        layers=FLAGS.prune_layers, weights=FLAGS.prune_weights,
+        seed=FLAGS.seed if FLAGS.prune_seed is None else FLAGS.prune_seed)
+  except ValueError as e:
+    message = str(e)
+    for field, flag in _PRUNE_FLAGS.items():
+      if message.startswith(f"PruneConfig.{field}="):
+        message = f"--{flag}: {message}"
+        break
+    raise ValueError(message) from e
+
+
+def config_from_flags() -> TrainConfig:
+  """The validated `TrainConfig` of the parsed flags."""
+  target, sigma = FLAGS.target_epsilon, FLAGS.noise_multiplier
+  if target is None and sigma is None:
+    target = _D.target_epsilon
+  epochs, steps = FLAGS.epochs, FLAGS.steps
+  if epochs is None and steps is None:
+    epochs = _D.epochs
+  return TrainConfig(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
+      public_dataset=FLAGS.public_dataset,
+      public_fraction=FLAGS.public_fraction,
+      public_pretrain_epochs=FLAGS.public_pretrain_epochs,
+      batch_size=FLAGS.batch_size, epochs=epochs, steps=steps,
+      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
+      l2_norm_clip=FLAGS.l2_norm_clip, noise_multiplier=sigma,
+      target_epsilon=target, delta=FLAGS.delta, accountant=FLAGS.accountant,
+      prune=_prune_config(), init_checkpoint=FLAGS.init_checkpoint,
+      seed=FLAGS.seed)
+
+
+def default_workdir(config: TrainConfig) -> str:
+  digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True)
+                        .encode()).hexdigest()[:8]
+  name = os.path.basename(str(config.dataset).rstrip("/")).replace(".", "_")
+  return os.path.join("runs", f"{name}-{config.model}-{digest}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = config_from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  workdir = FLAGS.workdir or default_workdir(config)
+  os.makedirs(workdir, exist_ok=True)
+  FLAGS.append_flags_into_file(os.path.join(workdir, "flags.txt"))
+  try:
+    results = experiment.run(config, workdir, verbose=FLAGS.verbose)
+  except ValueError as e:
+    if str(e).startswith("--"):
+      raise app.UsageError(str(e)) from e
+    raise
+  if results is None:
+    sys.exit(143)  # preempted (SIGTERM) after checkpointing; rerun resumes
+  logging.info("results: %s", os.path.join(workdir, experiment.RESULTS))
+  print(f"test accuracy {results['test_accuracy']:.4f} | epsilon "
+        f"{results['epsilon']:.3f} (delta {results['delta']:g}, "
+        f"{results['accountant']}) | noise multiplier "
+        f"{results['noise_multiplier']:.4f} | steps {results['steps']} | "
+        f"updated fraction {1 - results['sparsity']:.3f} | workdir {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
