@@ -163,13 +163,13 @@ class TrainConfig:
   public_fraction: float = 0.0
   public_pretrain_epochs: int = 0
   batch_size: int = 128
-  epochs: Optional[float] = 30.0
+  epochs: Optional[float] = None     # default 30 when --steps is not given
   steps: Optional[int] = None
   learning_rate: float = 0.05
   momentum: float = 0.9
   l2_norm_clip: float = 1.0
   noise_multiplier: Optional[float] = None
-  target_epsilon: Optional[float] = 3.0
+  target_epsilon: Optional[float] = None  # default 3 without --noise_multiplier
   delta: float = 1e-5
   accountant: str = "rdp"
   prune: Optional[PruneConfig] = None
@@ -177,9 +177,16 @@ class TrainConfig:
   seed: int = 0
   eval_batch_size: int = 1024
 
+  DEFAULT_TARGET_EPSILON = 3.0
+  DEFAULT_EPOCHS = 30.0
+
   def __post_init__(self):
     def fail(name, why):
       raise ValueError(f"--{name}={getattr(self, name)!r} {why}")
+    if self.noise_multiplier is None and self.target_epsilon is None:
+      object.__setattr__(self, "target_epsilon", self.DEFAULT_TARGET_EPSILON)
+    if self.epochs is None and self.steps is None:
+      object.__setattr__(self, "epochs", self.DEFAULT_EPOCHS)
     if (self.noise_multiplier is None) == (self.target_epsilon is None):
       raise ValueError(
           "give exactly one of --target_epsilon (the noise multiplier is "

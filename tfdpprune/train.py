@@ -50,7 +50,8 @@ flags.DEFINE_string("init_checkpoint", None, "Pre-trained weights to start "
                     "from (model.load_weights path).")
 # -- privacy & optimization ------------------------------------------------------
 flags.DEFINE_float("target_epsilon", None, "Target epsilon: the noise "
-                   f"multiplier is calibrated. Default {_D.target_epsilon} "
+                   "multiplier is calibrated. Default "
+                   f"{TrainConfig.DEFAULT_TARGET_EPSILON} "
                    "unless --noise_multiplier is given.")
 flags.DEFINE_float("noise_multiplier", None, "Noise multiplier sigma >= 0 "
                    "(epsilon is reported). Exclusive with --target_epsilon.")
@@ -58,7 +59,8 @@ flags.DEFINE_float("delta", _D.delta, "Delta, in (0, 1/N).")
 flags.DEFINE_float("l2_norm_clip", _D.l2_norm_clip, "Per-example clip C > 0.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Expected batch size "
                      "(Poisson sampling, q = batch_size / N).")
-flags.DEFINE_float("epochs", None, f"Epochs (default {_D.epochs}); exclusive "
+flags.DEFINE_float("epochs", None, "Epochs (default "
+                   f"{TrainConfig.DEFAULT_EPOCHS}); exclusive "
                    "with --steps.")
 flags.DEFINE_integer("steps", None, "Optimizer steps; exclusive with --epochs.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "SGD learning rate.")
@@ -124,11 +126,7 @@ def _prune_config():
 def config_from_flags() -> TrainConfig:
   """The validated `TrainConfig` of the parsed flags."""
   target, sigma = FLAGS.target_epsilon, FLAGS.noise_multiplier
-  if target is None and sigma is None:
-    target = _D.target_epsilon
   epochs, steps = FLAGS.epochs, FLAGS.steps
-  if epochs is None and steps is None:
-    epochs = _D.epochs
   return TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
       public_dataset=FLAGS.public_dataset,
