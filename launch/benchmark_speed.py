@@ -28,6 +28,11 @@ What is measured
                     biases fully selected)
     tdp_lastlayer   (c) the same, every variable but the last Dense's kernel and
                     bias fully unselected (all-zero numpy masks)
+    tdp_freeze_layer90   tdp.prune(PruneConfig(freeze, random, sparsity 0.9,
+                    global, granularity="layer")): whole layers frozen.
+    tdp_freeze_random90  tdp.prune(PruneConfig(freeze, random, 0.9)) (weight).
+    tdp_select_random90  tdp.prune(PruneConfig(select, random, 0.9, k=1)):
+                    a new in-graph draw every step.
     tdp_fallback    ours on the plain, unpruned model (generic vectorized
                     jacobian fallback)
 
@@ -92,7 +97,8 @@ from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
 ALL_METHODS = ("sgd", "tfp_dpsgd", "tfp_vectorized", "tdp_nomask",
-               "tdp_random90", "tdp_lastlayer", "tdp_fallback")
+               "tdp_random90", "tdp_lastlayer", "tdp_freeze_layer90",
+               "tdp_freeze_random90", "tdp_select_random90", "tdp_fallback")
 SLOW_METHODS = frozenset({"tfp_dpsgd", "tfp_vectorized", "tdp_fallback"})
 TARGETS = {"tdp_nomask": 2.0, "tdp_random90": 2.5, "tdp_lastlayer": 1.3}
 _MEMORY_TAG = "BENCHMARK_MEMORY_JSON "
@@ -225,6 +231,20 @@ def build_method(name, base, seed):
   elif name == "tdp_lastlayer":
     model = tdp.prune(model)
     optimizer = _ours(masks=_lastlayer_masks(model))
+  elif name == "tdp_freeze_layer90":
+    model = tdp.prune(model, tdp.PruneConfig(
+        mode="freeze", method="random", sparsity=0.9, scope="global",
+        granularity="layer", seed=seed))
+    optimizer = _ours()
+  elif name == "tdp_freeze_random90":
+    model = tdp.prune(model, tdp.PruneConfig(
+        mode="freeze", method="random", sparsity=0.9, seed=seed))
+    optimizer = _ours()
+  elif name == "tdp_select_random90":
+    model = tdp.prune(model, tdp.PruneConfig(
+        mode="select", method="random", sparsity=0.9, every_k_steps=1,
+        seed=seed))
+    optimizer = _ours()
   elif name == "tdp_fallback":
     optimizer = _ours()
   else:

@@ -119,6 +119,19 @@ def build_model(config: TrainConfig, dataset, public):
                        public_data=public if needs_public else None)
 
 
+def multi_worker_strategy():
+  """`MultiWorkerMirroredStrategy` from the `TF_CONFIG` environment."""
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  return (resolver.task_type == "chief" or
+          (resolver.task_type == "worker" and resolver.task_id == 0))
+
+
 class _Terminate:
   """SIGTERM -> checkpoint at the next step boundary, then stop."""
 
@@ -142,12 +155,18 @@ class _Terminate:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(config: TrainConfig, workdir: str, *, verbose: int = 1) -> Optional[dict]:
+def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
+        strategy: Optional[tf.distribute.Strategy] = None) -> Optional[dict]:
   """Trains (or resumes) one run in `workdir`; returns the results dict.
 
   Returns None if the run was stopped by SIGTERM (after checkpointing);
-  running it again resumes from the checkpoint.
+  running it again resumes from the checkpoint. With a `strategy` (e.g.
+  `MultiWorkerMirroredStrategy`) the model and optimizer are built in its
+  scope; every replica adds its own noise to its share of the batch, which
+  over-noises the summed gradient (privacy-safe, not yet calibrated for
+  multiple replicas).
   """
+  strategy = strategy or tf.distribute.get_strategy()
   start_time = time.time()
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG), "w") as f:
@@ -161,12 +180,13 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1) -> Optional[dict
                steps, sigma)
 
   # -- model & optimizer ----------------------------------------------------
-  model = build_model(config, dataset, public)
-  optimizer = MaskedDPKerasSGDOptimizer(
-      config.l2_norm_clip, sigma, learning_rate=config.learning_rate,
-      momentum=config.momentum, expected_batch_size=config.batch_size,
-      noise_seed=config.seed)
-  model.compile(optimizer, _loss(), metrics=["accuracy"])
+  with strategy.scope():
+    model = build_model(config, dataset, public)
+    optimizer = MaskedDPKerasSGDOptimizer(
+        config.l2_norm_clip, sigma, learning_rate=config.learning_rate,
+        momentum=config.momentum, expected_batch_size=config.batch_size,
+        noise_seed=config.seed)
+    model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)

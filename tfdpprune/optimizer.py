@@ -115,8 +115,9 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         self._noise_rng = tf.random.Generator.from_seed(noise_seed)
       # A diagnostic computed from raw private gradients, outside the DP
       # guarantee: the fraction of examples clipped in the last step.
-      self._clip_fraction = tf.Variable(0.0, trainable=False,
-                                        name="clip_fraction_diagnostic")
+      self._clip_fraction = tf.Variable(
+          0.0, trainable=False, name="clip_fraction_diagnostic",
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     self._track_trackable(self._noise_rng, name="noise_rng")
     self._masks = self._normalize_masks(masks)
 

@@ -34,6 +34,10 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, "
                     "the flags>, so the same command resumes the same run.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of init, sampling, noise, masks.")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line.")
+flags.DEFINE_enum("distribute", "auto", ["auto", "none", "multi_worker"],
+                  "multi_worker: tf.distribute.MultiWorkerMirroredStrategy "
+                  "from TF_CONFIG (see launch/multiworker.py); auto: "
+                  "multi_worker if TF_CONFIG is set.")
 # -- data -----------------------------------------------------------------------
 flags.DEFINE_string("dataset", _D.dataset, "digits | mnist | fashion_mnist | "
                     "emnist | cifar10 | cifar100 | svhn_cropped | an IDX "
@@ -150,15 +154,25 @@ def default_workdir(config: TrainConfig) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  strategy = None
+  if FLAGS.distribute == "multi_worker" or (
+      FLAGS.distribute == "auto" and os.environ.get("TF_CONFIG")):
+    # Created first: collective ops must be set up before other TF work.
+    strategy = experiment.multi_worker_strategy()
   try:
     config = config_from_flags()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   workdir = FLAGS.workdir or default_workdir(config)
+  if strategy is not None and not experiment.is_chief(strategy):
+    # Non-chief workers keep their checkpoints and summaries apart.
+    workdir = os.path.join(workdir, "workers",
+                           f"worker_{strategy.cluster_resolver.task_id}")
   os.makedirs(workdir, exist_ok=True)
   FLAGS.append_flags_into_file(os.path.join(workdir, "flags.txt"))
   try:
-    results = experiment.run(config, workdir, verbose=FLAGS.verbose)
+    results = experiment.run(config, workdir, verbose=FLAGS.verbose,
+                             strategy=strategy)
   except ValueError as e:
     if str(e).startswith("--"):
       raise app.UsageError(str(e)) from e

@@ -1,0 +1,27 @@
+"""launch/multiworker starts N local workers that finish one run."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_two_local_workers_finish_a_run(tmp_path):
+  workdir = str(tmp_path / "mw")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("TF_CONFIG", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.multiworker", "--num_workers=2",
+       f"--workdir={workdir}", "--", "--steps=4", "--noise_multiplier=1.0",
+       "--verbose=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["steps"] == 4
+  for i in range(2):  # both workers really ran in the cluster
+    with open(os.path.join(workdir, f"worker_{i}.log")) as f:
+      assert "test accuracy" in f.read()
+  assert os.path.isdir(os.path.join(workdir, "workers", "worker_1"))
