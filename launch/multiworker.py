@@ -11,9 +11,10 @@ TensorBoard and checkpoints to `--workdir`; the others write under
 launcher waits for all workers, forwards SIGINT/SIGTERM to them, and exits
 non-zero if any worker fails.
 
-Privacy note: each replica currently adds its own noise (the summed gradient
-is over-noised, which is privacy-safe but not calibrated); privacy-correct
-multi-replica noise is a separate piece of work.
+Privacy note: each replica currently samples its own Poisson batch and adds
+its own noise, so the epsilon such a run reports is NOT valid (results.json
+carries a `privacy_warning`); privacy-correct multi-replica noise is a
+separate piece of work.
 """
 
 import json

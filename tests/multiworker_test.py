@@ -21,6 +21,7 @@ def test_two_local_workers_finish_a_run(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["steps"] == 4
+  assert results["replicas"] == 2 and "NOT" in results["privacy_warning"]
   for i in range(2):  # both workers really ran in the cluster
     with open(os.path.join(workdir, f"worker_{i}.log")) as f:
       assert "test accuracy" in f.read()

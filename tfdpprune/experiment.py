@@ -162,9 +162,10 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   Returns None if the run was stopped by SIGTERM (after checkpointing);
   running it again resumes from the checkpoint. With a `strategy` (e.g.
   `MultiWorkerMirroredStrategy`) the model and optimizer are built in its
-  scope; every replica adds its own noise to its share of the batch, which
-  over-noises the summed gradient (privacy-safe, not yet calibrated for
-  multiple replicas).
+  scope. With more than one replica the reported epsilon is NOT valid yet:
+  each replica takes its own Poisson batch and adds its own noise, so one
+  optimizer step composes several sampled Gaussian mechanisms while the
+  accountant counts one (privacy-correct multi-replica noise is future work).
   """
   strategy = strategy or tf.distribute.get_strategy()
   start_time = time.time()
@@ -243,7 +244,13 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
       "sparsity": 1.0 - density["overall"], "density": density,
       "wall_time_s": time.time() - start_time, "resumed_from_step": start,
       "versions": _versions(), "config": config.to_dict(),
+      "replicas": strategy.num_replicas_in_sync,
   }
+  if strategy.num_replicas_in_sync > 1:
+    results["privacy_warning"] = (
+        "multi-replica run: each replica samples and noises its own batch, "
+        "so the reported epsilon (one event per step) is NOT a valid bound")
+    logging.warning(results["privacy_warning"])
   with writer.as_default():
     callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)
   writer.flush()
