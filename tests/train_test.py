@@ -1,5 +1,6 @@
 """`python -m tfdpprune.train`: results, flag validation, resume."""
 
+import glob
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import pytest
 from tfdpprune import accounting
 from tfdpprune import experiment
 from tfdpprune import train
+from tfdpprune._compat import tf
 from tfdpprune.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,13 @@ def test_cli_on_digits_writes_results_json(tmp_path):
       n, 128, results["noise_multiplier"], steps=6))
   assert os.path.exists(os.path.join(workdir, "flags.txt"))
   assert "epsilon" in proc.stdout and "test accuracy" in proc.stdout
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  assert {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
+          "privacy/epsilon", "privacy/noise_multiplier", "sparsity/overall",
+          "diagnostics_nonprivate/clip_fraction", "config"} <= tags
 
 
 @pytest.fixture

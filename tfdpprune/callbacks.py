@@ -203,10 +203,16 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
 
 
 class SparsitySummaries(keras.callbacks.Callback):
-  """Writes `sparsity/<layer>` (fraction updated) and `sparsity/overall`."""
+  """Writes `sparsity/<layer>` (fraction updated) and `sparsity/overall`.
+
+  Args:
+    writer: a `tf.summary` writer or a log directory.
+  """
 
   def __init__(self, writer):
     super().__init__()
+    if isinstance(writer, str):
+      writer = tf.summary.create_file_writer(writer)
     self.writer = writer
 
   def on_epoch_end(self, epoch, logs=None):
