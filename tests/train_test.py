@@ -156,3 +156,21 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
   assert second["steps"] == first["steps"] == 4
   assert second["resumed_from_step"] == 4
   assert second["test_accuracy"] == first["test_accuracy"]
+
+
+def test_init_checkpoint_starts_from_given_weights(tmp_path):
+  from tfdpprune import data  # pylint: disable=g-import-not-at-top
+  from tfdpprune import models  # pylint: disable=g-import-not-at-top
+  dataset = data.load_dataset("digits")
+  pretrained = models.get_model("mlp", dataset.input_shape, 10)
+  for v in pretrained.trainable_variables:
+    v.assign(tf.fill(v.shape, 0.25))
+  path = str(tmp_path / "pre.weights.h5")
+  pretrained.save_weights(path)
+  config = TrainConfig(steps=1, init_checkpoint=path)
+  model = experiment.build_model(config, dataset, None)
+  for v in model.trainable_variables:
+    assert bool(tf.reduce_all(v == 0.25))
+  with pytest.raises(ValueError, match="--init_checkpoint"):
+    experiment.build_model(TrainConfig(steps=1, init_checkpoint=str(
+        tmp_path / "missing.h5")), dataset, None)

@@ -105,7 +105,15 @@ def build_model(config: TrainConfig, dataset, public):
     raise _flag_error("model", config.model, e) from e
   models_lib.check_dp_compatible(model)
   if config.init_checkpoint:
-    model.load_weights(config.init_checkpoint)
+    path = config.init_checkpoint
+    if not (os.path.exists(path) or os.path.exists(path + ".index")):
+      raise _flag_error("init_checkpoint", path, "no such weights file or "
+                        "TF checkpoint (model.save_weights output)")
+    try:
+      model.load_weights(path)
+    except (ValueError, OSError) as e:
+      raise _flag_error("init_checkpoint", path,
+                        f"cannot load into model {config.model!r}: {e}") from e
   if public is not None and config.public_pretrain_epochs:
     model.compile(keras.optimizers.legacy.SGD(config.learning_rate * 0.1,
                                               momentum=0.9),
