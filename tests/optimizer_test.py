@@ -282,3 +282,57 @@ def test_uniform_output_masks_are_detected_as_structured():
   mask[:, 1] = 1
   assert tdp.optimizer._static_structure(mask.astype(bool)) == (  # pylint: disable=protected-access
       per_example.OUT, False)
+
+
+def _fast_vs_fallback(build, x, y, clip=0.5):
+  plain = build()
+  wrapped = tdp.prune(build())
+  wrapped.set_weights(plain.get_weights())
+  for model in (plain, wrapped):
+    tdp.MaskedDPKerasSGDOptimizer._warned_fallback = False
+    model.compile(tdp.MaskedDPKerasSGDOptimizer(clip, 0.0, learning_rate=0.3,
+                                                momentum=0.9), _xent())
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+  assert not tdp.MaskedDPKerasSGDOptimizer._warned_fallback  # fast path ran
+  for a, b in zip(plain.trainable_variables, wrapped.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-5)
+
+
+def test_functional_text_model_fast_path_equals_fallback():
+  def build():
+    keras.utils.set_random_seed(12)
+    tokens = keras.Input((7,), dtype="int32")
+    h = keras.layers.Embedding(11, 6)(tokens)
+    h = keras.layers.Conv1D(5, 3, padding="causal", activation="relu")(h)
+    h = keras.layers.LayerNormalization()(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(tokens, keras.layers.Dense(3)(h))
+  rng = np.random.default_rng(0)
+  _fast_vs_fallback(build, rng.integers(0, 11, (8, 7)).astype("int32"),
+                    rng.integers(0, 3, 8))
+
+
+def test_shared_layer_called_twice_fast_path_equals_fallback():
+  def build():
+    keras.utils.set_random_seed(13)
+    left, right = keras.Input((4,)), keras.Input((4,))
+    shared = keras.layers.Dense(5, activation="tanh")
+    h = keras.layers.Concatenate()([shared(left), shared(right)])
+    return keras.Model([left, right], keras.layers.Dense(3)(h))
+  rng = np.random.default_rng(1)
+  x = [rng.normal(size=(8, 4)).astype("float32") for _ in range(2)]
+  _fast_vs_fallback(build, x, rng.integers(0, 3, 8))
+
+
+def test_depthwise_and_group_norm_model_fast_path_equals_fallback():
+  def build():
+    keras.utils.set_random_seed(14)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
+        keras.layers.GroupNormalization(groups=2),
+        keras.layers.Conv2D(4, 2, strides=2, activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dense(3)])
+  rng = np.random.default_rng(2)
+  _fast_vs_fallback(build, rng.normal(size=(8, 6, 6, 2)).astype("float32"),
+                    rng.integers(0, 3, 8))
