@@ -320,6 +320,13 @@ def test_masks_survive_save_and_load(tmp_path):
     assert a.mask_structure == b.mask_structure
     np.testing.assert_array_equal(a.mask("kernel"), b.mask("kernel"))
   assert masks.density(loaded) == masks.density(pm)
+  # The loaded model keeps re-drawing its selection while it trains on.
+  before = pruning.wrappers(loaded)[0].select_masks["kernel"].numpy().copy()
+  x, y = _data(8)
+  for _ in range(2):
+    loaded.train_on_batch(x, y)
+  after = pruning.wrappers(loaded)[0].select_masks["kernel"].numpy()
+  assert not np.array_equal(before, after)
 
 
 def _select_run(tmp_path, total, interrupt_at=None):
