@@ -371,3 +371,14 @@ def test_density_reports_overall_fraction_updated():
   assert d["overall"] == pytest.approx(160 / 220)
   assert all(d[w.layer.name] == pytest.approx(80 / 110)
              for w in pruning.wrappers(pm))
+
+
+@pytest.mark.parametrize("layer,why", [
+    (lambda: keras.layers.BatchNormalization(), "mixes the examples"),
+    (lambda: keras.layers.Dense(3, kernel_regularizer="l2"), "weight penalt"),
+    (lambda: keras.layers.Dense(3, activity_regularizer="l2"), "per-example"),
+])
+def test_prune_refuses_layers_that_break_per_example_dp(layer, why):
+  model = keras.Sequential([keras.Input((4,)), layer(), keras.layers.Dense(2)])
+  with pytest.raises(ValueError, match=why):
+    tdp.prune(model)

@@ -303,8 +303,10 @@ class Conv2DSampler(_KernelBiasSampler):
 
   def _kernel_result(self, layer, captures, mask):
     cin = layer.kernel.shape[2]
+    static = all(d is not None for c, dl in captures
+                 for d in list(c.inputs.shape[1:3]) + list(dl.shape[1:3]))
     if (len(captures) == 1 and cin <= self.DEPTHWISE_MAX_CHANNELS and
-        tuple(layer.dilation_rate) == (1, 1)):
+        tuple(layer.dilation_rate) == (1, 1) and static):
       capture, delta = captures[0]
       return materialized_engine(
           _conv2d_per_example_kernels(layer, capture.inputs, delta), mask)

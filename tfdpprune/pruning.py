@@ -232,6 +232,11 @@ def check_layer(layer) -> None:
         f"layer {layer.name!r} is BatchNormalization: it mixes the examples "
         "of a batch, so per-example gradients (and DP-SGD's sensitivity "
         "bound) are undefined. Use GroupNormalization or LayerNormalization.")
+  if getattr(layer, "activity_regularizer", None) is not None:
+    raise ValueError(
+        f"layer {layer.name!r} has an activity_regularizer: it adds a "
+        "batch-level loss that is not a per-example loss, so DP-SGD's "
+        "per-example clipping would not bound it. Remove it.")
   for attr in ("kernel_regularizer", "bias_regularizer",
                "embeddings_regularizer", "depthwise_regularizer",
                "gamma_regularizer", "beta_regularizer"):
