@@ -382,3 +382,9 @@ def test_prune_refuses_layers_that_break_per_example_dp(layer, why):
   model = keras.Sequential([keras.Input((4,)), layer(), keras.layers.Dense(2)])
   with pytest.raises(ValueError, match=why):
     tdp.prune(model)
+
+
+def test_prune_with_config_needs_a_built_model():
+  unbuilt = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(2)])
+  with pytest.raises(ValueError, match="built model"):
+    tdp.prune(unbuilt, tdp.PruneConfig())

@@ -242,6 +242,11 @@ def apply_config(model, config, *, public_data=None):
       c.method.startswith("public") for c in configs):
     raise ValueError("public_data is only used by the public_gradient and "
                      "public_saliency methods")
+  if not model.built:
+    raise ValueError(
+        "tdp.prune(model, config) needs a built model, since masks are chosen "
+        "from its weights: start it with keras.Input(shape) or call "
+        "model.build(input_shape) first")
   model = pruning.wrap(model)
   for c in configs:
     entries = eligible(pruning.wrappers(model), c)
