@@ -1,30 +1,69 @@
-r"""Sweep `tfdpprune.train` over a grid: runs, CSV, privacy-utility plot.
+r"""Sweep `tfdpprune.train` over a grid of flags and seeds; CSV and plot.
 
   python -m launch.sweep --base_flagfile=flags/fashion_mnist/base.cfg \
-      --grid='target_epsilon=1,3,8;prune_mode=none,freeze;sparsity=0.9' \
-      --seeds=0,1 --out=runs/sweep_fmnist --max_parallel=1
+      --grid='target_epsilon=1,3,8;prune_mode=freeze,select;sparsity=0.9' \
+      --seeds=0,1 --out=runs/sweep_fmnist --max_parallel=1 \
+      --extra_flags='--epochs=5 --prune_method=random'
 
-* `--grid`: `flag=v1,v2,...` groups separated by `;`; the runs are the
-  cartesian product of the groups times `--seeds`.
-* One workdir per run under `--out`, named from its grid values and seed
-  (`prune_mode=freeze,sparsity=0.9,target_epsilon=3,seed=1`). Each run is
-  `python -m tfdpprune.train --flagfile=<base> <extra> <grid flags>
-  --seed=<s> --workdir=<dir> --verbose=0`, logging to `<dir>/log.txt`.
-* At most `--max_parallel` runs at once; a tqdm bar counts finished runs.
-* Resumable: runs with a `results.json` are skipped; interrupted or failed
-  runs are started again (and resume from their checkpoints) by rerunning
-  the same command. SIGINT / SIGTERM are forwarded to the running children,
-  which checkpoint and exit.
-* Finally every `results.json` under `--out` goes into `<out>/results.csv`
-  (grid values in `flag:<name>` columns, then the measured metrics),
-  and `<out>/privacy_utility.png` plots test accuracy against epsilon, one
-  line per method (the grid point without the privacy flags and the seed),
-  mean over seeds with standard-deviation error bars.
-* `--dry_run` prints the commands.
+Flags:
+  --base_flagfile  flagfile every run starts from (required).
+  --grid           `flag=v1,v2,...` groups separated by `;`. The runs are the
+                   cartesian product of the groups times --seeds. Values may
+                   not contain `,` or `;`; `seed`, `workdir`, `verbose` and
+                   `flagfile` are set by the sweep and refused here.
+  --seeds          comma-separated integer seeds (default 0).
+  --out            directory of the sweep: one workdir per run, results.csv,
+                   privacy_utility.png (required).
+  --max_parallel   runs at once (default 1: one TensorFlow run already uses
+                   every core).
+  --extra_flags    more trainer flags for every run, shell-quoted, e.g.
+                   '--steps=20 --prune_mode=freeze'.
+  --dry_run        print the commands (finished runs as comments) and exit.
+
+Each run gets a workdir `<out>/<name>`, named by its grid values (flag names
+sorted, so the same grid written in another order resumes the same runs) and
+seed, e.g. `prune_mode=select,sparsity=0.9,target_epsilon=3,seed=1`, and runs
+
+  <python> -m tfdpprune.train --flagfile=<base> <extra flags> <grid flags> \
+      --seed=<s> --workdir=<workdir> --verbose=0
+
+with stdout and stderr appended to `<workdir>/log.txt`. Later flags override
+earlier ones, so grid values beat the extra flags, which beat the base file.
+
+Resuming: a run whose `results.json` exists is skipped. A run that is
+preempted (exit 143, checkpointed), fails or is interrupted is reported and
+started again by rerunning the same command; the trainer resumes it from its
+checkpoint. The command of each run is recorded in `<workdir>/sweep.json`,
+and a rerun whose command for that workdir differs (other base file path,
+extra flags, ...) is refused rather than mixing two configurations in one run
+(the contents of the base file are not compared).
+
+Signals: children run in their own sessions, so a terminal's Ctrl-C reaches
+only the sweep, which forwards SIGTERM to the running children (they
+checkpoint at the next step and exit 143) and starts no new run; a second
+Ctrl-C / SIGTERM sends SIGKILL. Exit status: 0 when every run has finished,
+1 when some failed or were preempted, 128 + signal number when interrupted.
+
+Outputs, rewritten at the end of every invocation from every run under --out
+that has a `results.json`:
+  results.csv           one row per run: `flag:<name>` columns with the grid
+                        values, seed, test_accuracy, epsilon, delta,
+                        noise_multiplier, steps, sparsity (measured),
+                        wall_time_s, method, workdir.
+  privacy_utility.png   test accuracy against epsilon, one line per method
+                        (the grid point without the PRIVACY_FLAGS and the
+                        seed), mean over seeds with standard-deviation error
+                        bars; runs with epsilon = inf (no noise) are drawn as
+                        horizontal lines.
+
+The pieces (`expand_grid`, `command`, `Launcher`, `collect_results`,
+`write_csv`, `plot`) read no flags and are tested in tests/launch_test.py.
 """
 
 import csv
 import dataclasses
+import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -36,64 +75,99 @@ import subprocess
 import sys
 import threading
 from concurrent import futures
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
-from absl import logging
 
 flags.DEFINE_string("base_flagfile", None, "Flagfile every run starts from.")
 flags.DEFINE_string("grid", "", "flag=v1,v2;flag2=w1,w2 (cartesian product).")
-flags.DEFINE_list("seeds", ["0"], "Seeds; each grid point runs once per seed.")
+flags.DEFINE_list("seeds", ["0"], "Seeds; every grid point runs once per seed.")
 flags.DEFINE_string("out", None, "Directory of the sweep's runs and outputs.")
 flags.DEFINE_integer("max_parallel", 1, "Runs at once (>= 1).")
-flags.DEFINE_string("extra_flags", "", "More trainer flags for every run.")
+flags.DEFINE_string("extra_flags", "", "More trainer flags for every run "
+                    "(shell-quoted).")
 flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
 FLAGS = flags.FLAGS
 
-# Flags that set the privacy level: they vary along a method's curve.
+RESULTS = "results.json"  # tfdpprune.experiment.RESULTS (not imported: no TF)
+META = "sweep.json"
+LOG = "log.txt"
+PREEMPTED = 143  # the trainer's exit code after checkpointing on SIGTERM
+# Flags that move a method along its privacy-utility curve.
 PRIVACY_FLAGS = ("target_epsilon", "noise_multiplier", "delta", "epochs",
                  "steps")
-CSV_FIELDS = ("test_accuracy", "epsilon", "delta", "noise_multiplier", "steps",
-              "sparsity", "wall_time_s")
+# Set by the sweep for every run; a grid cannot vary them.
+_RESERVED = {"seed": "use --seeds", "workdir": "set by the sweep",
+             "verbose": "set by the sweep", "flagfile": "use --base_flagfile"}
+METRICS = ("test_accuracy", "epsilon", "delta", "noise_multiplier", "steps",
+           "sparsity", "wall_time_s")
+_MAX_NAME = 200
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run of the sweep: grid values (flag -> value) and a seed."""
+  """One run of the sweep: grid values (sorted by flag name) and a seed."""
   values: Tuple[Tuple[str, str], ...]
   seed: int
 
   @property
   def name(self) -> str:
+    """Readable, filesystem-safe, deterministic workdir name."""
     parts = [f"{k}={v}" for k, v in self.values] + [f"seed={self.seed}"]
-    return re.sub(r"[^A-Za-z0-9=,._-]", "_", ",".join(parts))
+    name = re.sub(r"[^A-Za-z0-9=,.+_-]", "_", ",".join(parts))
+    if len(name) > _MAX_NAME:  # stays unique through the digest
+      digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+      name = f"{name[:_MAX_NAME - 11]}~{digest}"
+    return name
 
   def flags(self) -> List[str]:
     return [f"--{k}={v}" for k, v in self.values] + [f"--seed={self.seed}"]
 
 
 def parse_grid(spec: str) -> List[Tuple[str, List[str]]]:
-  """`"a=1,2;b=x"` -> `[("a", ["1", "2"]), ("b", ["x"])]`."""
-  groups = []
+  """`"a=1,2;b=x"` -> `[("a", ["1", "2"]), ("b", ["x"])]`, in given order."""
+  groups: List[Tuple[str, List[str]]] = []
   for part in filter(None, (p.strip() for p in spec.split(";"))):
-    match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.+)", part)
+    match = re.fullmatch(r"(?:--)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)", part)
     if not match:
-      raise ValueError(f"--grid: bad group {part!r}; expected flag=v1,v2,...")
-    name, values = match.group(1), [v.strip() for v in match.group(2)
-                                    .split(",")]
-    if name == "seed":
-      raise ValueError("--grid: use --seeds for seeds")
+      raise ValueError(f"--grid: bad group {part!r}; expected "
+                       "flag=v1,v2,... with groups separated by ';'")
+    name = match.group(1)
+    values = [v.strip() for v in match.group(2).split(",")]
+    if name in _RESERVED:
+      raise ValueError(f"--grid: {name!r} cannot be swept ({_RESERVED[name]})")
     if any(not v for v in values):
       raise ValueError(f"--grid: empty value in {part!r}")
+    if len(set(values)) != len(values):
+      raise ValueError(f"--grid: repeated value in {part!r}")
     if name in dict(groups):
       raise ValueError(f"--grid: flag {name!r} appears twice")
     groups.append((name, values))
   return groups
 
 
+def parse_seeds(seeds: Sequence[str]) -> List[int]:
+  try:
+    out = [int(s) for s in seeds]
+  except ValueError as e:
+    raise ValueError(f"--seeds={','.join(seeds)!r}: expected integers "
+                     "separated by commas") from e
+  if not out:
+    raise ValueError("--seeds: give at least one seed")
+  if len(set(out)) != len(out):
+    raise ValueError(f"--seeds={','.join(seeds)!r}: repeated seed")
+  return out
+
+
 def expand_grid(spec: str, seeds: Sequence[int]) -> List[Run]:
-  """Every grid point (sorted flag names) times every seed."""
+  """The runs of a grid: every point (flag names sorted) times every seed.
+
+  >>> [r.name for r in expand_grid("sparsity=0.5,0.9;prune_mode=freeze", [0])]
+  ['prune_mode=freeze,sparsity=0.5,seed=0', 'prune_mode=freeze,sparsity=0.9,seed=0']
+
+  Raises ValueError (starting with the flag's name) on a malformed grid.
+  """
   groups = sorted(parse_grid(spec))
   if not seeds:
     raise ValueError("--seeds: give at least one seed")
@@ -101,16 +175,148 @@ def expand_grid(spec: str, seeds: Sequence[int]) -> List[Run]:
   runs = [Run(tuple(zip(names, combo)), int(seed))
           for combo in itertools.product(*[v for _, v in groups])
           for seed in seeds]
-  if len({r.name for r in runs}) != len(runs):
-    raise ValueError("--grid: two runs would share a workdir name")
+  seen: Dict[str, Run] = {}
+  for run in runs:
+    if run.name in seen:
+      raise ValueError(f"--grid: {seen[run.name].values} and {run.values} "
+                       f"share the workdir name {run.name!r}")
+    seen[run.name] = run
   return runs
 
 
 def command(run: Run, base_flagfile: str, extra: Sequence[str],
-            workdir: str) -> List[str]:
-  return [sys.executable, "-m", "tfdpprune.train",
-          f"--flagfile={base_flagfile}", *extra, *run.flags(),
-          f"--workdir={workdir}", "--verbose=0"]
+            workdir: str, python: str = sys.executable) -> List[str]:
+  """The trainer's argv for `run`."""
+  return [python, "-m", "tfdpprune.train", f"--flagfile={base_flagfile}",
+          *extra, *run.flags(), f"--workdir={workdir}", "--verbose=0"]
+
+
+def is_finished(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, RESULTS))
+
+
+def check_recorded(workdir: str, argv: Sequence[str]) -> None:
+  """Refuses to continue a run in `workdir` that was started differently."""
+  path = os.path.join(workdir, META)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    recorded = json.load(f).get("args")
+  if recorded is not None and list(recorded) != list(argv[1:]):
+    raise ValueError(
+        f"{workdir} was run with different flags:\n  recorded: "
+        f"{shlex.join(recorded)}\n  now:      {shlex.join(argv[1:])}\n"
+        "Use another --out, or delete that directory to start it afresh.")
+
+
+def write_meta(run: Run, workdir: str, argv: Sequence[str]) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, META), "w") as f:
+    json.dump({"grid": dict(run.values), "seed": run.seed,
+               "args": list(argv[1:])}, f, indent=2)
+
+
+# -- running ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  name: str
+  argv: Tuple[str, ...]
+  workdir: str
+
+
+class Launcher:
+  """Runs jobs as subprocesses, at most `max_parallel` at once.
+
+  `run` blocks and returns {job name: exit code, or None if not started}.
+  `stop` (a signal handler, or callable from any thread) sends SIGTERM to the
+  running children and starts no further job; a second `stop` sends SIGKILL.
+  """
+
+  def __init__(self, max_parallel: int):
+    if max_parallel < 1:
+      raise ValueError(f"--max_parallel={max_parallel}: must be >= 1")
+    self.max_parallel = max_parallel
+    self.signum: Optional[int] = None
+    self._lock = threading.RLock()  # stop() may interrupt the main thread
+    self._procs: set = set()
+
+  @property
+  def stopping(self) -> bool:
+    return self.signum is not None
+
+  def stop(self, signum: int = signal.SIGTERM, frame=None) -> None:
+    del frame
+    with self._lock:
+      forward = signal.SIGKILL if self.stopping else signal.SIGTERM
+      self.signum = self.signum or signum
+      for proc in self._procs:
+        if proc.poll() is None:
+          proc.send_signal(forward)
+
+  def _run_one(self, job: Job) -> Optional[int]:
+    os.makedirs(job.workdir, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with open(os.path.join(job.workdir, LOG), "a") as log:
+      with self._lock:
+        if self.stopping:
+          return None
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        log.write(f"# {stamp} launch.sweep: {shlex.join(job.argv)}\n")
+        log.flush()
+        # Own session: a terminal's Ctrl-C goes to the sweep only, which
+        # forwards SIGTERM so the trainer can checkpoint.
+        proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        self._procs.add(proc)
+      try:
+        return proc.wait()
+      finally:
+        with self._lock:
+          self._procs.discard(proc)
+
+  def run(self, jobs: Sequence[Job],
+          on_done: Optional[Callable[[Job, Optional[int]], None]] = None
+          ) -> Dict[str, Optional[int]]:
+    codes: Dict[str, Optional[int]] = {}
+    with futures.ThreadPoolExecutor(self.max_parallel) as pool:
+      pending = {pool.submit(self._run_one, job): job for job in jobs}
+      for done in futures.as_completed(pending):
+        job = pending[done]
+        codes[job.name] = done.result()
+        if on_done is not None:
+          on_done(job, codes[job.name])
+    return codes
+
+
+def describe(code: Optional[int], workdir: str) -> str:
+  """A one-line status of a run that ended with exit `code`."""
+  if code is None:
+    return "not started"
+  if code == 0 and is_finished(workdir):
+    return "finished"
+  if code == PREEMPTED:
+    return "preempted (checkpointed; rerun the sweep to resume)"
+  reason = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+  if code == 0:
+    reason = f"no {RESULTS}"
+  return f"failed ({reason}): {_last_line(os.path.join(workdir, LOG))}"
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      lines = [l.strip() for l in f.readlines()[-20:] if l.strip()]
+  except OSError:
+    return ""
+  lines = [l for l in lines if not l.startswith("Pass --help")]
+  return lines[-1][:300] if lines else ""
+
+
+# -- results ----------------------------------------------------------------
 
 
 def method_of(values: Dict[str, str]) -> str:
@@ -121,34 +327,76 @@ def method_of(values: Dict[str, str]) -> str:
 
 
 def collect_results(out: str) -> List[dict]:
-  """One row per finished run under `out` (grid values, seed, metrics)."""
+  """One row per finished sweep run under `out`, sorted by workdir.
+
+  A row holds `flag:<name>` (grid values, as strings), `seed`, the METRICS
+  from results.json, `method` and `workdir`.
+  """
   rows = []
   for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
     workdir = os.path.join(out, name)
-    path = os.path.join(workdir, "results.json")
-    meta = os.path.join(workdir, "sweep.json")
-    if not (os.path.exists(path) and os.path.exists(meta)):
+    if not (is_finished(workdir) and
+            os.path.exists(os.path.join(workdir, META))):
       continue
-    with open(path) as f:
+    with open(os.path.join(workdir, RESULTS)) as f:
       results = json.load(f)
-    with open(meta) as f:
-      values = json.load(f)
-    row = {f"flag:{k}": v for k, v in values.items()}
-    row.update({k: results.get(k) for k in CSV_FIELDS})
-    row["method"] = method_of(values)
+    with open(os.path.join(workdir, META)) as f:
+      meta = json.load(f)
+    grid = {k: str(v) for k, v in meta["grid"].items()}
+    row = {f"flag:{k}": v for k, v in sorted(grid.items())}
+    row["seed"] = int(meta["seed"])
+    row.update({k: results.get(k) for k in METRICS})
+    row["method"] = method_of(grid)
     row["workdir"] = workdir
     rows.append(row)
   return rows
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
-  keys = []
-  for row in rows:
-    keys += [k for k in row if k not in keys]
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=keys)
+  """Writes `rows` (from collect_results) with grid columns first."""
+  grid = sorted({k for r in rows for k in r if k.startswith("flag:")})
+  rest = ["seed", *METRICS, "method", "workdir"]
+  extra = [k for r in rows for k in r if k not in grid and k not in rest]
+  fields = grid + rest + list(dict.fromkeys(extra))
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def curves(rows: Sequence[dict]) -> Dict[str, List[Tuple[float, float, float,
+                                                         float, int]]]:
+  """{method: [(eps mean, eps std, acc mean, acc std, #seeds)]}, by epsilon.
+
+  Runs of one method that share their privacy-flag values are one point
+  (they differ only in the seed); epsilon = inf stays inf.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  groups: Dict[str, Dict[tuple, List[dict]]] = {}
+  for r in rows:
+    if not _finite(r.get("test_accuracy")) or r.get("epsilon") is None:
+      continue
+    key = tuple(sorted((k, v) for k, v in r.items()
+                       if k.startswith("flag:") and k[5:] in PRIVACY_FLAGS))
+    groups.setdefault(r["method"], {}).setdefault(key, []).append(r)
+  out = {}
+  for method, points in sorted(groups.items()):
+    line = []
+    for members in points.values():
+      eps = np.array([float(m["epsilon"]) for m in members])
+      acc = np.array([float(m["test_accuracy"]) for m in members])
+      inf = bool(np.isinf(eps).any())
+      line.append((math.inf if inf else float(eps.mean()),
+                   0.0 if inf else float(eps.std()),
+                   float(acc.mean()), float(acc.std()), len(members)))
+    out[method] = sorted(line)
+  return out
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
@@ -156,120 +404,106 @@ def plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4.5))
-  methods = sorted({r["method"] for r in rows})
-  for method in methods:
-    points: Dict[float, List[float]] = {}
-    for r in rows:
-      if r["method"] == method and math.isfinite(r["epsilon"]):
-        points.setdefault(round(r["epsilon"], 3), []).append(
-            r["test_accuracy"])
-    eps = sorted(points)
-    mean = [float(np.mean(points[e])) for e in eps]
-    std = [float(np.std(points[e])) for e in eps]
-    ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, label=method)
-  ax.set_xlabel("epsilon (delta as configured)")
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  lines = curves(rows)
+  for i, (method, line) in enumerate(lines.items()):
+    color = f"C{i % 10}"
+    finite = [p for p in line if math.isfinite(p[0])]
+    if finite:
+      eps, eps_std, acc, acc_std, _ = zip(*finite)
+      ax.errorbar(eps, acc, yerr=acc_std,
+                  xerr=eps_std if any(eps_std) else None, marker="o",
+                  capsize=3, color=color, label=method)
+    for _, _, acc, _, _ in (p for p in line if not math.isfinite(p[0])):
+      ax.axhline(acc, color=color, linestyle="--",
+                 label=f"{method} (ε = ∞)")
+  seeds = sorted({r["seed"] for r in rows})
+  ax.set_xlabel("ε (δ as configured)")
   ax.set_ylabel("test accuracy")
-  ax.set_title("Privacy-utility trade-off")
+  ax.set_title(f"Privacy-utility trade-off ({len(rows)} runs, "
+               f"mean ± std over {len(seeds)} seed(s))")
   ax.grid(alpha=0.3)
-  if methods:
+  if lines:
     ax.legend(fontsize="small")
+  else:
+    ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
+            transform=ax.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-class _Children:
-  """Running child processes, to forward SIGINT / SIGTERM to."""
-
-  def __init__(self):
-    self.lock = threading.Lock()
-    self.procs = set()
-    self.stopping = False
-
-  def stop(self, signum, frame):
-    del signum, frame
-    with self.lock:
-      self.stopping = True
-      for p in self.procs:
-        if p.poll() is None:
-          p.send_signal(signal.SIGTERM)
-
-
-def _execute(run, cmd, workdir, children) -> int:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump({**dict(run.values), "seed": run.seed}, f)
-  with children.lock:
-    if children.stopping:
-      return -1
-    log = open(os.path.join(workdir, "log.txt"), "a")  # pylint: disable=consider-using-with
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    children.procs.add(proc)
-  code = proc.wait()
-  log.close()
-  with children.lock:
-    children.procs.discard(proc)
-  return code
+# -- entry point --------------------------------------------------------------
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.base_flagfile or not os.path.exists(FLAGS.base_flagfile):
+  if not FLAGS.base_flagfile or not os.path.isfile(FLAGS.base_flagfile):
     raise app.UsageError(f"--base_flagfile={FLAGS.base_flagfile!r}: no such "
                          "file")
   if not FLAGS.out:
     raise app.UsageError("--out is required")
-  if FLAGS.max_parallel < 1:
-    raise app.UsageError(f"--max_parallel={FLAGS.max_parallel} must be >= 1")
   try:
-    runs = expand_grid(FLAGS.grid, [int(s) for s in FLAGS.seeds])
+    runs = expand_grid(FLAGS.grid, parse_seeds(FLAGS.seeds))
+    launcher = Launcher(FLAGS.max_parallel)
+    extra = shlex.split(FLAGS.extra_flags)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  extra = shlex.split(FLAGS.extra_flags)
-  os.makedirs(FLAGS.out, exist_ok=True)
-  jobs = [(r, os.path.join(FLAGS.out, r.name)) for r in runs]
-  if FLAGS.dry_run:
-    for r, workdir in jobs:
-      print(shlex.join(command(r, FLAGS.base_flagfile, extra, workdir)))
-    return
-  todo = [(r, w) for r, w in jobs
-          if not os.path.exists(os.path.join(w, "results.json"))]
-  logging.info("%d runs: %d finished (skipped), %d to run", len(jobs),
-               len(jobs) - len(todo), len(todo))
-  print(f"{len(jobs)} runs: {len(jobs) - len(todo)} already finished "
-        f"(skipped), {len(todo)} to run")
+  jobs = []
+  for run in runs:
+    workdir = os.path.join(FLAGS.out, run.name)
+    jobs.append((run, Job(run.name, tuple(command(
+        run, FLAGS.base_flagfile, extra, workdir)), workdir)))
 
-  children = _Children()
-  signal.signal(signal.SIGTERM, children.stop)
-  signal.signal(signal.SIGINT, children.stop)
+  if FLAGS.dry_run:
+    for _, job in jobs:
+      prefix = "# finished: " if is_finished(job.workdir) else ""
+      print(prefix + shlex.join(job.argv))
+    return
+  try:
+    for _, job in jobs:
+      check_recorded(job.workdir, job.argv)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  todo = [(run, job) for run, job in jobs if not is_finished(job.workdir)]
+  skipped = len(jobs) - len(todo)
+  print(f"{len(jobs)} runs: {skipped} already finished (skipped), "
+        f"{len(todo)} to run, at most {launcher.max_parallel} at once",
+        flush=True)
+  for run, job in todo:
+    write_meta(run, job.workdir, job.argv)
+
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  failed = []
-  with futures.ThreadPoolExecutor(FLAGS.max_parallel) as pool:
-    pending = {pool.submit(_execute, r, command(r, FLAGS.base_flagfile, extra,
-                                                w), w, children): (r, w)
-               for r, w in todo}
-    for done in tqdm(futures.as_completed(pending), total=len(pending),
-                     desc="runs", unit="run"):
-      r, w = pending[done]
-      code = done.result()
-      if code != 0:
-        failed.append((r.name, code))
-        logging.warning("run %s exited with %d (see %s/log.txt)", r.name,
-                        code, w)
+  signal.signal(signal.SIGTERM, launcher.stop)
+  signal.signal(signal.SIGINT, launcher.stop)
+  unfinished = []
+  with tqdm(total=len(jobs), initial=skipped, desc="sweep", unit="run",
+            dynamic_ncols=True) as bar:
+    def on_done(job, code):
+      status = describe(code, job.workdir)
+      if status != "finished":
+        unfinished.append(job.name)
+      if code is None:  # never started (interrupted): not progress
+        return
+      if status != "finished":
+        bar.write(f"{job.name}: {status} [{job.workdir}/{LOG}]")
+      bar.update(1)
+      bar.set_postfix(unfinished=len(unfinished), refresh=False)
+    launcher.run([job for _, job in todo], on_done)
 
   rows = collect_results(FLAGS.out)
   write_csv(rows, os.path.join(FLAGS.out, "results.csv"))
   plot(rows, os.path.join(FLAGS.out, "privacy_utility.png"))
-  print(f"{len(rows)} results -> {FLAGS.out}/results.csv, "
-        f"{FLAGS.out}/privacy_utility.png")
-  if failed:
-    print(f"{len(failed)} runs did not finish (rerun to resume): {failed}")
+  print(f"{len(rows)} results -> {os.path.join(FLAGS.out, 'results.csv')}, "
+        f"{os.path.join(FLAGS.out, 'privacy_utility.png')}")
+  if launcher.stopping:
+    print(f"interrupted by signal {launcher.signum}: {len(unfinished)} runs "
+          "unfinished; rerun the same command to resume")
+    sys.exit(128 + launcher.signum)
+  if unfinished:
+    print(f"{len(unfinished)} runs unfinished; rerun the same command to "
+          f"retry or resume: {', '.join(unfinished)}")
     sys.exit(1)
 
 
