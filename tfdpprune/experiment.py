@@ -29,12 +29,10 @@ CONFIG = "config.json"
 
 
 def _versions():
-  import dp_accounting  # pylint: disable=g-import-not-at-top
   import importlib.metadata as md  # pylint: disable=g-import-not-at-top
   import tfdpprune  # pylint: disable=g-import-not-at-top
   out = {"python": platform.python_version(), "tensorflow": tf.__version__,
-         "tfdpprune": tfdpprune.__version__,
-         "dp_accounting": getattr(dp_accounting, "__version__", None)}
+         "tfdpprune": tfdpprune.__version__}
   for pkg in ("tf-keras", "tensorflow-privacy", "dp-accounting"):
     try:
       out[pkg] = md.version(pkg)

@@ -267,6 +267,15 @@ def _combine(results: Dict[str, LayerResult]) -> LayerResult:
   return sq, sum_fn
 
 
+def _conv_support(layer) -> Optional[str]:
+  """Why the fast path cannot take this convolution, or None."""
+  if layer.data_format != "channels_last":
+    return "data_format channels_first"
+  if getattr(layer, "groups", 1) != 1:
+    return "grouped convolution"
+  return None
+
+
 class DenseSampler(_KernelBiasSampler):
 
   def _a(self, layer, inputs):
@@ -277,11 +286,7 @@ class Conv2DSampler(_KernelBiasSampler):
   """Conv2D via image patches: `g_i = patches_i^T delta_i`."""
 
   def supports(self, layer):
-    if layer.data_format != "channels_last":
-      return "data_format channels_first"
-    if getattr(layer, "groups", 1) != 1:
-      return "grouped convolution"
-    return None
+    return _conv_support(layer)
 
   # Per-example kernels straight from one depthwise filter-gradient op when
   # the input has at most this many channels (the first layer of an image
@@ -384,11 +389,7 @@ class Conv1DSampler(_KernelBiasSampler):
   """Conv1D as a height-1 Conv2D."""
 
   def supports(self, layer):
-    if layer.data_format != "channels_last":
-      return "data_format channels_first"
-    if getattr(layer, "groups", 1) != 1:
-      return "grouped convolution"
-    return None
+    return _conv_support(layer)
 
   def _a(self, layer, inputs):
     (k,), (s,), (d,) = layer.kernel_size, layer.strides, layer.dilation_rate
@@ -413,9 +414,7 @@ class DepthwiseConv2DSampler(Sampler):
     return out
 
   def supports(self, layer):
-    if layer.data_format != "channels_last":
-      return "data_format channels_first"
-    return None
+    return _conv_support(layer)
 
   def forward(self, layer, inputs, **kwargs):
     outputs, z = _without_activation(layer, inputs, **kwargs)
@@ -562,6 +561,11 @@ def register_sampler(layer_class: type, sampler: Sampler) -> None:
   if any(cls is layer_class for cls, _ in _SAMPLERS):
     raise ValueError(f"a sampler for {layer_class.__name__} is registered")
   _SAMPLERS.append((layer_class, sampler))
+
+
+def supported_layer_classes() -> List[type]:
+  """The Keras layer classes with a registered sampler."""
+  return [cls for cls, _ in _SAMPLERS]
 
 
 def sampler_for(layer) -> Optional[Sampler]:

@@ -222,7 +222,7 @@ _STRUCTURES = {"weight": per_example.WEIGHT, "neuron": per_example.OUT,
 
 
 def supported_layer_names():
-  return sorted(cls.__name__ for cls, _ in per_example._SAMPLERS)  # pylint: disable=protected-access
+  return sorted(cls.__name__ for cls in per_example.supported_layer_classes())
 
 
 def check_layer(layer) -> None:
