@@ -11,16 +11,17 @@ TensorBoard and checkpoints to `--workdir`; the others write under
 launcher waits for all workers, forwards SIGINT/SIGTERM to them, and exits
 non-zero if any worker fails.
 
-Privacy note: each replica currently samples its own Poisson batch and adds
-its own noise, so the epsilon such a run reports is NOT valid (results.json
-carries a `privacy_warning`); privacy-correct multi-replica noise is a
-separate piece of work.
+Privacy: each step's global Poisson batch is split across the workers (each
+samples its own partition of the private data with rate q, so the union is
+exactly a Poisson sample of the whole set), every example is clipped on the
+worker that holds it, and Gaussian noise is added once to the global sum (by
+replica 0). The reported epsilon is therefore the single-replica epsilon for
+the same flags. Each worker draws its own secret keys from OS entropy.
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import List, Sequence
@@ -29,33 +30,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from launch.cluster import free_ports
+from launch.cluster import tf_configs
+
 flags.DEFINE_integer("num_workers", 2, "Number of local workers (>= 1).")
 flags.DEFINE_string("workdir", None, "The run's working directory.")
 flags.DEFINE_integer("timeout", 3600, "Seconds to wait for the workers.")
 FLAGS = flags.FLAGS
-
-
-def free_ports(n: int) -> List[int]:
-  """`n` distinct free TCP ports on localhost."""
-  sockets, ports = [], []
-  try:
-    for _ in range(n):
-      s = socket.socket()
-      s.bind(("localhost", 0))
-      sockets.append(s)
-      ports.append(s.getsockname()[1])
-  finally:
-    for s in sockets:
-      s.close()
-  return ports
-
-
-def tf_configs(ports: Sequence[int]) -> List[str]:
-  """The `TF_CONFIG` of each worker of a local cluster."""
-  cluster = {"worker": [f"localhost:{p}" for p in ports]}
-  return [json.dumps({"cluster": cluster,
-                      "task": {"type": "worker", "index": i}})
-          for i in range(len(ports))]
 
 
 def worker_command(train_args: Sequence[str], workdir: str) -> List[str]:

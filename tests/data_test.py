@@ -403,3 +403,61 @@ def test_shuffled_batches_cover_each_example_once():
   assert batches == _batch_ids(data.shuffled_batches(x, y, 4, seed=0))
   assert _batch_ids(data.shuffled_batches(x, y, 4, seed=None)) == [
       [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ----------------------------------------------------------------------------
+# Checked inputs
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_with_count_and_first_index(split,
+                                                                    bad):
+  ds = _fake_dataset(n=20)
+  x = getattr(ds, f"x_{split}").copy()
+  x[2, 0, 1, 0] = bad
+  x[3, 1, 1, 0] = bad
+  x[3, 0, 0, 0] = bad
+  with pytest.raises(ValueError) as e:
+    dataclasses.replace(ds, **{f"x_{split}": x})
+  message = str(e.value)
+  assert f"x_{split} has 3 non-finite values" in message
+  assert "in 2 examples" in message and "first is example 2" in message
+
+
+def test_npz_with_nan_pixels_or_labels_is_refused(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.random((10, 4, 4, 1)).astype(np.float32)
+  y = (np.arange(10) % 3).astype(np.float64)
+  path = str(tmp_path / "bad.npz")
+  x[5, 0, 0, 0] = np.nan
+  np.savez(path, x_train=x, y_train=y, x_test=x[:2] * 0, y_test=y[:2])
+  with pytest.raises(ValueError, match="x_train has 1 non-finite values"):
+    data.load_dataset(path)
+  x[5, 0, 0, 0] = 0.0
+  y[7] = np.inf
+  np.savez(path, x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+  with pytest.raises(ValueError, match="y_train has 1 non-finite values .* "
+                     "first is example 7"):
+    data.load_dataset(path)
+  y[7] = 1.5
+  np.savez(path, x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+  with pytest.raises(ValueError, match="non-integer labels"):
+    data.load_dataset(path)
+
+
+def test_overlapping_examples_finds_shared_content():
+  ds = _fake_dataset(n=20)
+  public = ds.x_train[[15, 3]].copy()
+  public = np.concatenate([public, public[:1] + 100.0])
+  np.testing.assert_array_equal(
+      data.overlapping_examples(public, ds.x_train), [0, 1])
+  assert data.overlapping_examples(ds.x_train[:0], ds.x_train).size == 0
+
+
+def test_poisson_batches_are_secret_by_default():
+  x, y = _ids(500)
+  a = _batch_ids(data.poisson_batches(x, y, 0.1, 5))
+  b = _batch_ids(data.poisson_batches(x, y, 0.1, 5))
+  assert a != b  # fresh secret keys

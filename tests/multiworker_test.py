@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tfdpprune import accounting
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,7 +23,12 @@ def test_two_local_workers_finish_a_run(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["steps"] == 4
-  assert results["replicas"] == 2 and "NOT" in results["privacy_warning"]
+  assert results["replicas"] == 2 and "privacy_warning" not in results
+  # One global Poisson batch and one noise draw per step: the epsilon of the
+  # single-replica run with the same flags.
+  assert results["epsilon"] == accounting.compute_epsilon(
+      results["num_examples"], 128, 1.0, steps=4)
+  assert results["private_randomness"] is True
   for i in range(2):  # both workers really ran in the cluster
     with open(os.path.join(workdir, f"worker_{i}.log")) as f:
       assert "test accuracy" in f.read()

@@ -1,5 +1,7 @@
 """MaskedDPKerasSGDOptimizer: the privacy mechanics and the Keras contract."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -336,3 +338,134 @@ def test_depthwise_and_group_norm_model_fast_path_equals_fallback():
   rng = np.random.default_rng(2)
   _fast_vs_fallback(build, rng.normal(size=(8, 6, 6, 2)).astype("float32"),
                     rng.integers(0, 3, 8))
+
+
+# -- privacy by default -------------------------------------------------------
+
+
+def _bn_model():
+  keras.utils.set_random_seed(0)
+  return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                           keras.layers.BatchNormalization(name="bn"),
+                           keras.layers.Dense(3)])
+
+
+def test_batch_norm_is_refused_by_the_optimizer_alone():
+  x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+  y = np.arange(16) % 3
+  model = _bn_model()  # never went through tdp.prune
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0), _xent())
+  with pytest.raises(ValueError, match="'bn'.*BatchNormalization"):
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  with pytest.raises(ValueError, match="GroupNormalization"):
+    model.train_on_batch(x, y)
+  # A custom training loop too.
+  opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0)
+  with pytest.raises(ValueError, match="BatchNormalization"):
+    with tf.GradientTape() as tape:
+      loss = _xent()(y, model(x, training=True))
+    opt.minimize(loss, model.trainable_variables, tape=tape)
+  # Frozen (inference-mode) BatchNorm is per-example, so it trains.
+  model.get_layer("bn").trainable = False
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0), _xent())
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_example_gets_coefficient_zero(prepared, bad):
+  x, y = _data(8)
+  model = _small_cnn(seed=8)
+  if prepared:
+    model = tdp.prune(model)
+  good = np.arange(8) != 3
+  expected = _reference_step(model, x[good], y[good], {}, clip=0.2, lr=0.5)
+  x_bad = x.copy()
+  x_bad[3, 2, 2, 0] = bad
+  # Divide by the 7 finite examples, as the reference does.
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      0.2, 0.0, learning_rate=0.5, expected_batch_size=7), _xent())
+  model.train_on_batch(x_bad, y)
+  for v, e in zip(model.trainable_variables, expected):
+    assert np.all(np.isfinite(v.numpy()))
+    if prepared:  # exactly the step without the bad example
+      np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6)
+  # (The generic jacobian fallback backpropagates the whole batch, so 0 * NaN
+  # reaches every example's gradient: all get coefficient 0, none is NaN.)
+
+
+def _pure_noise_step(**kwargs):
+  model = tdp.prune(keras.Sequential([keras.Input((10,)),
+                                      keras.layers.Dense(50)]))
+  before = _bits(model.trainable_variables)
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=1.0,
+                                              **kwargs), _mse())
+  model.set_weights([np.zeros(v.shape) for v in model.trainable_variables])
+  model.train_on_batch(np.zeros((4, 10), "float32"),
+                       np.zeros((4, 50), "float32"))
+  assert _bits(model.trainable_variables) != before
+  return _bits(model.trainable_variables)
+
+
+def test_noise_is_secret_by_default_and_reproducible_with_a_seed():
+  assert _pure_noise_step() != _pure_noise_step()
+  assert _pure_noise_step(noise_seed=5) == _pure_noise_step(noise_seed=5)
+  assert _pure_noise_step(noise_seed=5) != _pure_noise_step(noise_seed=6)
+
+
+def test_config_has_no_seed_unless_given_and_keeps_the_step_count():
+  opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0)
+  assert "noise_seed" not in opt.get_config()
+  assert tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 1.0, noise_seed=3).get_config()["noise_seed"] == 3
+  opt.iterations.assign(17)
+  clone = tdp.MaskedDPKerasSGDOptimizer.from_config(opt.get_config())
+  assert int(clone.iterations.numpy()) == 17
+  with pytest.raises(ValueError, match="iterations"):
+    tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, iterations=-1)
+
+
+def test_step_count_and_epsilon_survive_keras_save_and_load(tmp_path):
+  model = tdp.prune(_small_cnn(seed=9))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.1, learning_rate=0.1),
+                _xent())
+  x, y = _data(24)
+  model.fit(x, y, batch_size=4, epochs=5, verbose=0)  # 30 steps
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert int(loaded.optimizer.iterations.numpy()) == 30
+  callback = tdp.PrivacyCallback(24, 4, 1.1)
+  callback.set_model(loaded)
+  assert callback.steps == 30
+  assert callback.epsilon == pytest.approx(
+      tdp.accounting.compute_epsilon(24, 4, 1.1, steps=30))
+  loaded.fit(x, y, batch_size=4, epochs=1, verbose=0)
+  assert int(loaded.optimizer.iterations.numpy()) == 36
+
+
+def test_no_artifact_holds_the_noise_or_sampling_key(tmp_path, drawn_keys,
+                                                     key_files_holding):
+  from tfdpprune import data  # pylint: disable=g-import-not-at-top
+  drawn = drawn_keys
+  x, y = _data(64)
+  model = tdp.prune(_small_cnn(seed=10))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.1,
+                                              momentum=0.9,
+                                              expected_batch_size=8), _xent())
+  batches = data.poisson_batches(x, y, 8 / 64, num_steps=6)
+  assert len(drawn) == 2  # the noise key and the sampling key
+  model.fit(batches, epochs=1, verbose=0, callbacks=[
+      keras.callbacks.TensorBoard(str(tmp_path / "tb"), write_graph=True)])
+  model.save(str(tmp_path / "m.keras"))
+  model.save(str(tmp_path / "savedmodel"), save_format="tf")
+  tdp.strip(model).save(str(tmp_path / "stripped.keras"))
+  tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+      str(tmp_path / "ckpt" / "c"))
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "m.keras", "savedmodel",
+                                          "stripped.keras", "tb"]
+  assert key_files_holding(str(tmp_path), drawn) == []
+  # The search does find a key that is written down.
+  (tmp_path / "leak.txt").write_text(f"{drawn[0][1]}")
+  assert key_files_holding(str(tmp_path), drawn) == [str(tmp_path /
+                                                          "leak.txt")]

@@ -10,12 +10,16 @@ import sys
 import time
 
 from absl import flags
+import numpy as np
 import pytest
 
 from tfdpprune import accounting
 from tfdpprune import experiment
+from tfdpprune import models
 from tfdpprune import train
+from tfdpprune._compat import keras
 from tfdpprune._compat import tf
+from tfdpprune.config import PruneConfig
 from tfdpprune.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +58,12 @@ def test_cli_on_digits_writes_results_json(tmp_path):
   for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
-  assert {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
-          "privacy/epsilon", "privacy/noise_multiplier", "sparsity/overall",
-          "diagnostics_nonprivate/clip_fraction", "config"} <= tags
+  assert {"eval/loss", "eval/accuracy", "privacy/epsilon",
+          "privacy/noise_multiplier", "sparsity/overall", "config"} <= tags
+  # Statistics of private batches are opt-in (--nonprivate_metrics).
+  assert not [t for t in tags if t.startswith(("train/", "nonprivate/",
+                                               "diagnostics"))], tags
+  assert results["private_randomness"] is True
 
 
 @pytest.fixture
@@ -174,3 +181,174 @@ def test_init_checkpoint_starts_from_given_weights(tmp_path):
   with pytest.raises(ValueError, match="--init_checkpoint"):
     experiment.build_model(TrainConfig(steps=1, init_checkpoint=str(
         tmp_path / "missing.h5")), dataset, None)
+
+
+# -- privacy by default ---------------------------------------------------------
+
+
+def _weights(workdir):
+  """The model variables of a run's latest checkpoint, by name."""
+  reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+  return {k: reader.get_tensor(k).tobytes()
+          for k in reader.get_variable_to_shape_map()
+          if k.startswith("model/") and "mask" not in k}
+
+
+def _tags(workdir):
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def test_default_runs_differ_and_noise_seed_runs_are_identical(tmp_path):
+  def run(name, **kw):
+    workdir = str(tmp_path / name)
+    experiment.run(TrainConfig(steps=5, **kw), workdir, verbose=0)
+    return _weights(workdir)
+  assert run("a") != run("b")            # secret noise and sampling
+  seeded = run("c", noise_seed=7)
+  assert seeded == run("d", noise_seed=7)
+  assert seeded != run("e", noise_seed=8)
+  assert _results(str(tmp_path / "c"))["private_randomness"] is False
+  assert _results(str(tmp_path / "a"))["private_randomness"] is True
+
+
+def test_run_directory_holds_no_noise_or_sampling_key(tmp_path, drawn_keys,
+                                                      key_files_holding):
+  drawn = drawn_keys
+  workdir = str(tmp_path / "run")
+  config = TrainConfig(steps=8, prune=PruneConfig(mode="select", sparsity=0.5))
+  experiment.run(config, workdir, verbose=0)
+  assert len(drawn) == 2  # noise and sampling, from OS entropy
+  assert key_files_holding(workdir, drawn) == []
+  assert not any(str(k) in train.default_workdir(config)
+                 for key in drawn for k in key)
+  # A resume draws fresh keys and writes none of them either.
+  experiment.run(TrainConfig(steps=16, prune=config.prune,
+                             noise_multiplier=_results(workdir)[
+                                 "noise_multiplier"]),
+                 str(tmp_path / "other"), verbose=0)
+  assert len(drawn) == 4 and len(set(drawn)) == 4
+  assert key_files_holding(str(tmp_path), drawn) == []
+
+
+def test_nonprivate_metrics_are_opt_in(tmp_path):
+  workdir = str(tmp_path / "run")
+  experiment.run(TrainConfig(steps=12, nonprivate_metrics=True), workdir,
+                 verbose=0)
+  assert {"nonprivate/train_loss", "nonprivate/train_accuracy",
+          "nonprivate/clip_fraction", "eval/accuracy",
+          "privacy/epsilon"} <= _tags(workdir)
+
+
+def test_resume_with_changed_privacy_flags_or_data_is_refused(tmp_path):
+  from tfdpprune import ledger  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  experiment.run(TrainConfig(steps=3, noise_multiplier=1.0), workdir,
+                 verbose=0)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config_before = f.read()
+  with pytest.raises(ledger.LedgerMismatch) as e:
+    experiment.run(TrainConfig(steps=3, noise_multiplier=2.0), workdir,
+                   verbose=0)
+  assert "--noise_multiplier: 1.0 in the checkpoint, 2.0 now" in str(e.value)
+  with pytest.raises(ledger.LedgerMismatch) as e:
+    experiment.run(TrainConfig(steps=6, noise_multiplier=1.0, batch_size=64),
+                   workdir, verbose=0)
+  assert "--steps: 3 in the checkpoint, 6 now" in str(e.value)
+  assert "--batch_size: 128 in the checkpoint, 64 now" in str(e.value)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == config_before  # a refused rerun changes nothing
+  # Same flags: resumes (finished run, nothing to do).
+  assert experiment.run(TrainConfig(steps=3, noise_multiplier=1.0), workdir,
+                        verbose=0)["steps"] == 3
+
+  # Same flags, other private data behind the same path.
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "d.npz")
+
+  def write(x):
+    np.savez(path, x_train=x, y_train=np.arange(300) % 3, x_test=x[:30],
+             y_test=np.arange(30) % 3)
+  x = rng.random((300, 4, 4, 1)).astype(np.float32)
+  write(x)
+  config = TrainConfig(dataset=path, steps=3, noise_multiplier=1.0,
+                       batch_size=30, delta=1e-3)
+  run_dir = str(tmp_path / "npz_run")
+  experiment.run(config, run_dir, verbose=0)
+  x[17, 1, 1, 0] += 0.5  # one example differs
+  write(x)
+  with pytest.raises(ledger.LedgerMismatch, match="private training data "
+                     "differ"):
+    experiment.run(config, run_dir, verbose=0)
+
+
+def test_cli_refuses_changed_epochs_with_both_values(tmp_path):
+  workdir = str(tmp_path / "run")
+  assert _cli("--epochs=1", "--verbose=0",
+              f"--workdir={workdir}").returncode == 0
+  proc = _cli("--epochs=2", "--verbose=0", f"--workdir={workdir}")
+  assert proc.returncode == 2
+  assert "--epochs: 1.0 in the checkpoint, 2.0 now" in proc.stderr
+  assert "noise multiplier sigma" in proc.stderr
+
+
+def test_public_data_equal_to_private_is_refused():
+  with pytest.raises(ValueError) as e:
+    experiment.load_data(TrainConfig(public_dataset="digits",
+                                     public_pretrain_epochs=20))
+  message = str(e.value)
+  assert message.startswith("--public_dataset='digits'")
+  assert "1437 of its 1437 examples also appear in the private" in message
+
+
+def _nan_after_15_steps(input_shape, num_classes):
+  """The MLP, whose training output turns NaN after 15 training calls."""
+
+  class NanLater(keras.layers.Layer):
+
+    def build(self, input_shape):
+      self.calls = self.add_weight("calls", [], initializer="zeros",
+                                   trainable=False)
+
+    def call(self, inputs, training=None):
+      if not training:
+        return inputs
+      self.calls.assign_add(1.0)
+      return inputs * tf.where(self.calls > 15.0, np.nan, 1.0)
+
+  base = models.get_model("mlp", input_shape, num_classes)
+  return keras.Model(base.inputs, NanLater()(base.outputs[0]))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch):
+  from tfdpprune import callbacks  # pylint: disable=g-import-not-at-top
+  get_model = models.get_model
+  monkeypatch.setattr(models, "get_model", lambda name, *a, **k: (
+      _nan_after_15_steps(*a, **k) if name == "nan_after_15_steps" else
+      get_model(name, *a, **k)))
+  workdir = str(tmp_path / "run")
+  # digits: 11 steps per epoch; the epoch-1 checkpoint (step 11) is good,
+  # step 16 gives a NaN loss.
+  with pytest.raises(callbacks.NonFiniteLossError, match="step 16") as e:
+    experiment.run(TrainConfig(steps=40, model="nan_after_15_steps"),
+                   workdir, verbose=0)
+  assert "last good checkpoint" in str(e.value)
+  reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+  assert reader.get_tensor(
+      "ledger/steps/.ATTRIBUTES/VARIABLE_VALUE") == 11
+  for k in reader.get_variable_to_shape_map():
+    value = reader.get_tensor(k)
+    if k.startswith("model/") and value.dtype.kind == "f":
+      assert np.all(np.isfinite(value)), k
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_cli_exits_non_zero_on_divergence(tmp_path):
+  proc = _cli("--steps=30", "--learning_rate=1e30", "--verbose=0",
+              f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 1
+  assert "non-finite" in proc.stderr

@@ -21,9 +21,10 @@ from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
 from tfdpprune.pruning import prune
 from tfdpprune.pruning import PruneWrapper
 from tfdpprune.pruning import strip
+from tfdpprune.validation import validate
 
 __all__ = [
     "keras", "accounting", "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune",
-    "PrivacyCallback", "PruneWrapper", "strip",
+    "PrivacyCallback", "PruneWrapper", "strip", "validate",
 ]
 __version__ = "0.1.0"

@@ -181,25 +181,96 @@ class StepLimit(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss or weights; the last good checkpoint
+  was kept."""
+
+
+def _all_finite(variables) -> bool:
+  return all(bool(tf.reduce_all(tf.math.is_finite(v)))
+             for v in variables if v.dtype.is_floating)
+
+
 class CheckpointEveryEpoch(keras.callbacks.Callback):
-  """Saves a `tf.train.CheckpointManager` every epoch and on request.
+  """Saves a `tf.train.CheckpointManager` every epoch and on request, and
+  never saves a non-finite state.
 
   `should_stop()` (e.g. a SIGTERM flag) is polled after every step; when it
   is true the callback saves and stops training at that step boundary.
+  A non-finite training loss (checked after every step) or non-finite
+  weights (checked before every save) stop training without saving, so the
+  last checkpoint is the last good state; `failure` then says what happened
+  (the trainer turns it into `NonFiniteLossError` and a non-zero exit).
   """
 
   def __init__(self, manager, should_stop=None):
     super().__init__()
     self.manager = manager
     self.should_stop = should_stop or (lambda: False)
+    self.failure = None
+
+  def _step(self) -> int:
+    return int(keras.backend.get_value(self.model.optimizer.iterations))
+
+  def _fail(self, what):
+    kept = self.manager.latest_checkpoint
+    kept = (f"the last good checkpoint ({kept}) was kept" if kept else
+            "no checkpoint had been written yet")
+    self.failure = (f"{what} at optimizer step {self._step()}: training "
+                    f"stopped and {kept}. Lower the learning rate or check "
+                    "the model.")
+    self.model.stop_training = True
+
+  def _check_loss(self, logs) -> bool:
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+      self._fail(f"non-finite training loss ({float(loss)})")
+      return False
+    return True
+
+  def save(self) -> bool:
+    """Saves if every weight is finite; returns whether it saved."""
+    if self.failure is not None:
+      return False
+    if not _all_finite(self.model.variables):
+      self._fail("non-finite weights")
+      return False
+    self.manager.save()
+    return True
 
   def on_train_batch_end(self, batch, logs=None):
+    if not self._check_loss(logs):
+      return
     if self.should_stop():
-      self.manager.save()
+      self.save()
       self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
-    self.manager.save()
+    if self._check_loss(logs):
+      self.save()
+
+
+class HideNonPrivateLogs(keras.callbacks.Callback):
+  """Removes statistics of private training batches from Keras logs.
+
+  Keras reports the training loss and metrics of the private batches in the
+  progress bar and `History`; they are computed from private data outside
+  the DP mechanism, so a released log must not contain them. Put this
+  callback after those that need them: it keeps `epsilon` and evaluation
+  metrics (`val_*`).
+  """
+
+  def _hide(self, logs):
+    if logs:
+      for key in [k for k in logs if not k.startswith("val_") and
+                  k != "epsilon"]:
+        del logs[key]
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._hide(logs)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._hide(logs)
 
 
 class SparsitySummaries(keras.callbacks.Callback):
@@ -229,17 +300,18 @@ def write_sparsity(writer, model, step):
 class TrainingSummaries(keras.callbacks.Callback):
   """One writer for a run's TensorBoard scalars (chief only).
 
-  Tags: `train/loss`, `train/accuracy`, `eval/loss`, `eval/accuracy`,
-  `privacy/epsilon`, `privacy/noise_multiplier`, `sparsity/...`, and
-  `diagnostics_nonprivate/clip_fraction` (computed from raw per-example
-  gradients: outside the DP guarantee). The config is written as text at
-  step 0.
+  Tags: `eval/loss`, `eval/accuracy`, `privacy/epsilon`,
+  `privacy/noise_multiplier`, `sparsity/...`, and the config as text at step
+  0. With `nonprivate=True` (opt-in) also `nonprivate/train_loss`,
+  `nonprivate/train_accuracy` (private batches) and `nonprivate/clip_fraction`
+  (raw per-example gradients): outside the DP guarantee.
   """
 
-  def __init__(self, writer, config: dict):
+  def __init__(self, writer, config: dict, nonprivate: bool = False):
     super().__init__()
     self.writer = writer
     self.config = config
+    self.nonprivate = nonprivate
 
   def on_train_begin(self, logs=None):
     step = int(self.model.optimizer.iterations.numpy())
@@ -253,18 +325,20 @@ class TrainingSummaries(keras.callbacks.Callback):
     logs = logs or {}
     opt = self.model.optimizer
     step = int(opt.iterations.numpy())
+    tags = [("val_loss", "eval/loss"), ("val_accuracy", "eval/accuracy"),
+            ("epsilon", "privacy/epsilon")]
+    if self.nonprivate:
+      tags += [("loss", "nonprivate/train_loss"),
+               ("accuracy", "nonprivate/train_accuracy")]
     with self.writer.as_default():
-      for key, tag in (("loss", "train/loss"), ("accuracy", "train/accuracy"),
-                       ("val_loss", "eval/loss"),
-                       ("val_accuracy", "eval/accuracy"),
-                       ("epsilon", "privacy/epsilon")):
+      for key, tag in tags:
         if key in logs:
           write_scalar(tag, logs[key], step=step)
       if hasattr(opt, "noise_multiplier"):
         write_scalar("privacy/noise_multiplier", opt.noise_multiplier,
                      step=step)
-      if hasattr(opt, "clip_fraction"):
-        write_scalar("diagnostics_nonprivate/clip_fraction",
+      if self.nonprivate and hasattr(opt, "clip_fraction"):
+        write_scalar("nonprivate/clip_fraction",
                      float(opt.clip_fraction.numpy()), step=step)
     write_sparsity(self.writer, self.model, step)
     self.writer.flush()

@@ -155,6 +155,13 @@ class TrainConfig:
 
   Data-dependent checks (delta < 1/N, the data set and model names) happen
   when the run starts, with messages naming the flag.
+
+  `seed` seeds public things only (initialization, random mask scores, the
+  public/private split, public pre-training). DP noise and Poisson sampling
+  are secret (OS entropy) unless `noise_seed` is given, which makes them
+  reproducible and public (experiments only). `nonprivate_metrics` opts in to
+  statistics of private training batches (loss, accuracy, clip fraction),
+  which are outside the DP guarantee.
   """
   dataset: str = "digits"
   data_dir: Optional[str] = None
@@ -175,6 +182,8 @@ class TrainConfig:
   prune: Optional[PruneConfig] = None
   init_checkpoint: Optional[str] = None
   seed: int = 0
+  noise_seed: Optional[int] = None
+  nonprivate_metrics: bool = False
   eval_batch_size: int = 1024
 
   DEFAULT_TARGET_EPSILON = 3.0
@@ -234,6 +243,13 @@ class TrainConfig:
       raise ValueError(
           f"--prune_method={self.prune.method!r} needs public data: give "
           "--public_dataset or --public_fraction")
+    for name in ("seed", "noise_seed"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or
+                                not isinstance(value, int)):
+        fail(name, "must be an integer")
+    if not isinstance(self.nonprivate_metrics, bool):
+      fail("nonprivate_metrics", "must be True or False")
     if not (isinstance(self.eval_batch_size, int) and
             self.eval_batch_size >= 1):
       fail("eval_batch_size", "must be an integer >= 1")

@@ -12,23 +12,25 @@ of the private training data):
 * An IDX directory or `.npz` file given by path: uint8 pixels scaled to
   [0, 1] (`x / 255`); float pixels are taken as already normalized.
 
+Non-finite features or labels are refused at load (`check_finite`).
+
 DP-SGD's accounting assumes Poisson subsampling, so training batches come
 from `poisson_batches` (each example joins each step's batch independently
-with probability q), not from fixed-size shuffled batches;
-`shuffled_batches` is for evaluation and non-private training.
+with probability q, from a secret key), not from fixed-size shuffled
+batches; `shuffled_batches` is for evaluation and non-private training.
 
 ```python
 from tfdpprune import data
 ds = data.load_dataset("digits")
 private, (x_pub, y_pub) = data.split_public(ds, public_fraction=0.1, seed=0)
 batches = data.poisson_batches(private.x_train, private.y_train,
-                               sampling_probability=0.05, num_steps=100,
-                               seed=1)
+                               sampling_probability=0.05, num_steps=100)
 ```
 """
 
 import dataclasses
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -36,6 +38,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from tfdpprune import randomness
 from tfdpprune._compat import tf
 
 # Where Debian's `dataset-*` packages put IDX files, e.g. `apt-get install
@@ -102,6 +105,7 @@ class Dataset:
       if len(x) != len(y):
         raise ValueError(
             f"x_{split} has {len(x)} examples but y_{split} has {len(y)}")
+      check_finite(f"x_{split}", x)
       if y.size and (y.min() < 0 or y.max() >= self.num_classes):
         raise ValueError(
             f"y_{split} must lie in [0, num_classes={self.num_classes}), got "
@@ -123,6 +127,50 @@ class Dataset:
   @property
   def num_test(self) -> int:
     return len(self.y_test)
+
+
+def check_finite(name: str, values: np.ndarray) -> None:
+  """Refuses NaN or Inf values, with their count and first example index.
+
+  A non-finite input makes an example's gradient non-finite, and
+  `C / max(NaN, C)` is NaN: clipping no longer bounds the example.
+  """
+  values = np.asarray(values)
+  if values.dtype.kind not in "fc":
+    return
+  bad = ~np.isfinite(values.reshape(len(values),
+                                    int(np.prod(values.shape[1:]))))
+  if bad.any():
+    rows = bad.any(axis=1)
+    raise ValueError(
+        f"{name} has {int(bad.sum())} non-finite values (NaN or Inf) in "
+        f"{int(rows.sum())} examples; the first is example "
+        f"{int(np.argmax(rows))}. Clean the data: DP-SGD's clipping does not "
+        "bound a non-finite example")
+
+
+def _labels(name: str, labels: np.ndarray) -> np.ndarray:
+  """int32 labels `[N]`, refusing non-finite and non-integer values."""
+  labels = np.asarray(labels).reshape(-1)
+  if labels.dtype.kind in "fc":
+    check_finite(name, labels)
+    if np.any(labels != np.round(labels)):
+      first = int(np.argmax(labels != np.round(labels)))
+      raise ValueError(f"{name} has non-integer labels; the first is example "
+                       f"{first} ({labels[first]!r})")
+  return labels.astype(np.int32)
+
+
+def overlapping_examples(x_public: np.ndarray,
+                         x_private: np.ndarray) -> np.ndarray:
+  """Indices of the public examples equal (byte for byte) to a private one."""
+  def digests(x):
+    x = np.ascontiguousarray(x)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            for row in x.reshape(len(x), int(np.prod(x.shape[1:])))]
+  private = set(digests(x_private))
+  return np.array([i for i, d in enumerate(digests(x_public)) if d in private],
+                  dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------
@@ -244,7 +292,8 @@ def load_idx_split(directory: str, split: str = "test", *,
     raise ValueError(
         f"{directory}: {split} has {len(images)} images but {len(labels)} "
         "labels")
-  return _normalize(images, mean, std), labels.astype(np.int32)
+  return (_normalize(images, mean, std),
+          _labels(f"{directory}: {split} labels", labels))
 
 
 def _load_idx_dataset(name, directory, mean, std, num_classes=None):
@@ -291,8 +340,8 @@ def _load_npz(path: str) -> Dataset:
     if missing:
       raise ValueError(f"{path}: missing arrays {missing} (has {f.files})")
     arrays = {k: f[k] for k in f.files}
-  y_train = arrays["y_train"].reshape(-1).astype(np.int32)
-  y_test = arrays["y_test"].reshape(-1).astype(np.int32)
+  y_train = _labels(f"{path}: y_train", arrays["y_train"])
+  y_test = _labels(f"{path}: y_test", arrays["y_test"])
   if "num_classes" in arrays:
     num_classes = int(arrays["num_classes"])
   else:
@@ -438,17 +487,18 @@ def _as_tensors(x, y):
 
 
 def poisson_selection(num_examples: int, sampling_probability: float,
-                      seed: int, step, max_batch_size: Optional[int] = None):
+                      key, step, max_batch_size: Optional[int] = None, *,
+                      stream=0):
   """Indices of the examples in step `step`'s Poisson batch (sorted).
 
-  Example i joins iff `u_i < q` for `u = stateless_uniform([N], (seed,
-  step))` (Philox), so the batch depends only on `(seed, step)`.
+  Example i joins iff `u_i < q` for `u = stateless_uniform([N],
+  randomness.step_seed(key, step, stream))` (Philox), so the batch depends
+  only on the key, the step and the stream (a replica's partition).
   With `max_batch_size`, a larger batch keeps the `max_batch_size` examples
   of smallest `u` (a uniformly random subset of the drawn batch).
   """
   u = tf.random.stateless_uniform(
-      [num_examples], seed=tf.stack([tf.cast(seed, tf.int64),
-                                     tf.cast(step, tf.int64)]),
+      [num_examples], seed=randomness.step_seed(key, step, stream),
       alg="philox")
   selected = tf.where(u < sampling_probability)[:, 0]
   if max_batch_size is not None:
@@ -458,28 +508,39 @@ def poisson_selection(num_examples: int, sampling_probability: float,
   return selected
 
 
+def _check_poisson_args(sampling_probability, num_steps, start_step):
+  if not 0.0 <= sampling_probability <= 1.0:
+    raise ValueError(f"sampling_probability must be in [0, 1], got "
+                     f"{sampling_probability}")
+  if not 0 <= start_step <= num_steps:
+    raise ValueError(f"start_step must be in [0, num_steps={num_steps}], got "
+                     f"{start_step}")
+
+
 def poisson_batches(x, y, sampling_probability: float, num_steps: int,
-                    seed: int, max_batch_size: Optional[int] = None, *,
+                    seed: Optional[int] = None,
+                    max_batch_size: Optional[int] = None, *,
                     start_step: int = 0) -> tf.data.Dataset:
-  """Poisson-subsampled batches, reproducible per step.
+  """Poisson-subsampled batches from secret (or explicitly seeded) randomness.
 
   At step s each example joins the batch independently with probability
-  q = `sampling_probability`, from randomness keyed on `(seed, s)` only;
-  batch sizes vary (Binomial(N, q)) and can be 0 (yielded with shape
-  `[0, ...]`). This is the sampling DP-SGD's Poisson accounting assumes.
-  Steps `start_step, ..., num_steps - 1` are yielded, so a run resumed at
-  step s with the same arguments and `start_step=s` sees exactly the
-  batches the uninterrupted run would have seen.
-
-  Keep `seed` secret: the privacy amplification by subsampling assumes the
-  adversary does not know which examples were sampled.
+  q = `sampling_probability`; batch sizes vary (Binomial(N, q)) and can be 0
+  (yielded with shape `[0, ...]`). This is the sampling DP-SGD's Poisson
+  accounting assumes, and its guarantee assumes the adversary does not know
+  which examples were sampled: by default (`seed=None`) the sampling key is
+  drawn from OS entropy and held in memory only. Steps `start_step, ...,
+  num_steps - 1` are yielded; a resumed run draws fresh secret batches,
+  which is exactly as private as the uninterrupted run.
 
   Args:
     x: `[N, ...]` features (numpy or tensor).
     y: `[N, ...]` labels.
     sampling_probability: q in [0, 1].
     num_steps: total number of steps of the run.
-    seed: integer seed of the sampling.
+    seed: None (secret, the default) or an integer for reproducible batches
+      in experiments: the batch of step s then depends only on `(seed, s)`,
+      and anyone who knows the seed knows the batches (no privacy
+      amplification by sampling against them).
     max_batch_size: if given, a batch larger than this is truncated to a
       uniformly random subset of `max_batch_size` examples. Truncation is
       not Poisson sampling: if p is the per-step probability that
@@ -493,28 +554,82 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
 
   Example:
     >>> x, y = np.zeros([1000, 2], "float32"), np.zeros([1000], "int32")
-    >>> batches = poisson_batches(x, y, 0.01, num_steps=3, seed=0)
-    >>> [int(xb.shape[0]) for xb, _ in batches]  # Binomial(1000, 0.01)
-    [11, 5, 10]
+    >>> batches = poisson_batches(x, y, 0.01, num_steps=3)  # secret batches
+    >>> len([int(xb.shape[0]) for xb, _ in batches])  # ~Binomial(1000, 0.01)
+    3
   """
-  if not 0.0 <= sampling_probability <= 1.0:
-    raise ValueError(f"sampling_probability must be in [0, 1], got "
-                     f"{sampling_probability}")
-  if not 0 <= start_step <= num_steps:
-    raise ValueError(f"start_step must be in [0, num_steps={num_steps}], got "
-                     f"{start_step}")
+  _check_poisson_args(sampling_probability, num_steps, start_step)
   if max_batch_size is not None and max_batch_size < 1:
     raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
   x, y = _as_tensors(x, y)
   n = int(x.shape[0])
+  key = randomness.private_key(randomness.SAMPLING, seed)
 
   def batch(step):
-    idx = poisson_selection(n, sampling_probability, seed, step,
+    idx = poisson_selection(n, sampling_probability, key, step,
                             max_batch_size)
     return tf.gather(x, idx), tf.gather(y, idx)
 
   steps = tf.data.Dataset.range(start_step, num_steps)
   return steps.map(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
+                                sampling_probability: float, num_steps: int,
+                                seed: Optional[int] = None, *,
+                                start_step: int = 0):
+  """One global Poisson batch per step, split across `strategy`'s replicas.
+
+  The N examples are partitioned across the R replicas (example i belongs to
+  replica i mod R); at each step every replica Poisson-samples its own
+  partition with rate q. Every example therefore joins the step's global
+  batch independently with probability q — exactly Poisson sampling of the
+  whole data set, as the accountant assumes — and is processed by exactly
+  one replica. The DP optimizer clips per example on each replica, sums
+  across replicas and adds the noise once. Each worker draws its own secret
+  key (no key crosses the network); a `seed` makes all of it reproducible.
+
+  Sharding is explicit: the input is built per worker with
+  `strategy.distribute_datasets_from_function` and tf.data auto-sharding is
+  OFF, so no tf.distribute default decides which examples a replica sees.
+
+  Args:
+    strategy: a `tf.distribute.Strategy` (Mirrored, MultiWorkerMirrored, or
+      the default strategy, where this equals `poisson_batches`).
+    x, y, sampling_probability, num_steps, seed, start_step: as in
+      `poisson_batches`.
+
+  Returns:
+    A `tf.distribute.DistributedDataset` for `model.fit` (with
+    `steps_per_epoch`), yielding each replica's part of each step's batch.
+  """
+  _check_poisson_args(sampling_probability, num_steps, start_step)
+  x, y = _as_tensors(x, y)
+  n = int(x.shape[0])
+  key = randomness.private_key(randomness.SAMPLING, seed)
+
+  def dataset_fn(context):
+    replicas = context.num_replicas_in_sync
+    local = replicas // context.num_input_pipelines
+    first = context.input_pipeline_id * local
+
+    def batch(i):
+      step = start_step + i // local
+      replica = first + i % local   # elements go round-robin to replicas
+      part = tf.range(replica, n, replicas, dtype=tf.int64)
+      chosen = poisson_selection(tf.size(part), sampling_probability, key,
+                                 step, stream=replica)
+      idx = tf.gather(part, chosen)
+      return tf.gather(x, idx), tf.gather(y, idx)
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF)
+    elements = tf.data.Dataset.range((num_steps - start_step) * local)
+    return elements.map(batch).with_options(options).prefetch(
+        tf.data.AUTOTUNE)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def poisson_truncation_probability(num_examples: int,

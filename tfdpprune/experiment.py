@@ -16,6 +16,7 @@ from absl import logging
 from tfdpprune import accounting
 from tfdpprune import callbacks as callbacks_lib
 from tfdpprune import data as data_lib
+from tfdpprune import ledger as ledger_lib
 from tfdpprune import masks as masks_lib
 from tfdpprune import models as models_lib
 from tfdpprune import pruning
@@ -62,6 +63,15 @@ def load_data(config: TrainConfig):
           "public_dataset", config.public_dataset,
           f"images of shape {pub.x_train.shape[1:]} do not match the "
           f"private data's {dataset.x_train.shape[1:]}")
+    shared = data_lib.overlapping_examples(pub.x_train, dataset.x_train)
+    if shared.size:
+      raise _flag_error(
+          "public_dataset", config.public_dataset,
+          f"{shared.size} of its {pub.num_train} examples also appear in the "
+          f"private training data (--dataset={config.dataset!r}; the first "
+          f"is public example {shared[0]}). Public data must be disjoint "
+          "from the private data: training on it is not private. Use "
+          "another data set, or --public_fraction to hold out a public part")
     public = (pub.x_train, pub.y_train)
   elif config.public_fraction > 0:
     dataset, public = data_lib.split_public(dataset, config.public_fraction,
@@ -86,6 +96,26 @@ def plan(config: TrainConfig, num_examples: int):
         config.target_epsilon, num_examples, config.batch_size, steps=steps,
         delta=config.delta, accountant=config.accountant)
   return steps, q, float(sigma)
+
+
+# The flags a run's epsilon depends on: a resume must not change them.
+PRIVACY_FLAGS = ("dataset", "data_dir", "public_dataset", "public_fraction",
+                 "batch_size", "epochs", "steps", "noise_multiplier",
+                 "target_epsilon", "l2_norm_clip", "delta", "accountant",
+                 "noise_seed")
+
+
+def privacy_ledger(config: TrainConfig, dataset, sigma: float,
+                   q: float) -> ledger_lib.Ledger:
+  """The run's `Ledger`: what its epsilon depends on."""
+  return ledger_lib.Ledger(
+      noise_multiplier=sigma, sampling_probability=q,
+      num_examples=dataset.num_train, l2_norm_clip=config.l2_norm_clip,
+      delta=config.delta, accountant=config.accountant,
+      data_fingerprint=ledger_lib.fingerprint(dataset.x_train,
+                                              dataset.y_train),
+      private_randomness=config.noise_seed is None,
+      flags=tuple((f, getattr(config, f)) for f in PRIVACY_FLAGS))
 
 
 def _loss():
@@ -161,28 +191,68 @@ class _Terminate:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _restore(checkpoint, manager, ledger, workdir):
+  """Restores the latest checkpoint, refusing one with another ledger."""
+  if not manager.latest_checkpoint:
+    return
+  reader = tf.train.load_checkpoint(manager.latest_checkpoint)
+  key = "ledger/params/.ATTRIBUTES/VARIABLE_VALUE"
+  if not reader.has_tensor(key):
+    raise ledger_lib.LedgerMismatch(
+        f"refusing to resume {workdir}: its checkpoint has no privacy ledger "
+        "(it was written by an older tfdpprune), so the privacy parameters "
+        "of its steps cannot be checked. Start a new run in another "
+        "--workdir.")
+  saved = ledger_lib.Ledger.from_json(reader.get_tensor(key).decode())
+  ledger_lib.check_resume(saved, ledger, workdir)  # before touching anything
+  status = checkpoint.restore(manager.latest_checkpoint)
+  # Every existing object is restored; optimizer variables created later
+  # (hyper-parameters, slots) are restored when created, or not at all if
+  # the run is already finished.
+  status.assert_existing_objects_matched().expect_partial()
+
+
 def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
-        strategy: Optional[tf.distribute.Strategy] = None) -> Optional[dict]:
+        strategy: Optional[tf.distribute.Strategy] = None,
+        files: Optional[dict] = None) -> Optional[dict]:
   """Trains (or resumes) one run in `workdir`; returns the results dict.
 
   Returns None if the run was stopped by SIGTERM (after checkpointing);
-  running it again resumes from the checkpoint. With a `strategy` (e.g.
-  `MultiWorkerMirroredStrategy`) the model and optimizer are built in its
-  scope. With more than one replica the reported epsilon is NOT valid yet:
-  each replica takes its own Poisson batch and adds its own noise, so one
-  optimizer step composes several sampled Gaussian mechanisms while the
-  accountant counts one (privacy-correct multi-replica noise is future work).
+  running it again resumes from the checkpoint, with fresh secret
+  randomness: the resumed run matches an uninterrupted one in steps and
+  epsilon (not bit for bit). A checkpoint whose privacy ledger differs
+  (other privacy flags or private data) is refused (`ledger.LedgerMismatch`).
+
+  With a `strategy` (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) the
+  model and optimizer are built in its scope; each step's global Poisson
+  batch is split across the replicas (`data.distributed_poisson_batches`)
+  and the noise is added once, so epsilon equals the single-replica one.
+
+  `config.json` (and `files`, `{name: text}`, e.g. the resolved flags) are
+  written to `workdir` once the resume check passed, so a refused rerun
+  leaves the run's files as they were.
+
+  Raises:
+    ValueError: a flag is invalid for the data (the message starts with
+      `--<flag>`), or `ledger.LedgerMismatch`.
+    callbacks.NonFiniteLossError: the loss or weights became non-finite; the
+      last good checkpoint is kept.
   """
   strategy = strategy or tf.distribute.get_strategy()
   start_time = time.time()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG), "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
+  if config.noise_seed is not None:
+    logging.warning(
+        "--noise_seed=%d: DP noise and Poisson sampling are reproducible and "
+        "NOT secret; the reported epsilon only holds against an adversary "
+        "who does not know the seed. For experiments only.",
+        config.noise_seed)
 
   # -- input -----------------------------------------------------------------
   dataset, public = load_data(config)
   n = dataset.num_train
   steps, q, sigma = plan(config, n)
+  ledger = privacy_ledger(config, dataset, sigma, q)
   logging.info("N=%d private examples, q=%.4g, %d steps, sigma=%.4f", n, q,
                steps, sigma)
 
@@ -192,47 +262,66 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     optimizer = MaskedDPKerasSGDOptimizer(
         config.l2_norm_clip, sigma, learning_rate=config.learning_rate,
         momentum=config.momentum, expected_batch_size=config.batch_size,
-        noise_seed=config.seed)
+        noise_seed=config.noise_seed)
     model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+  state = ledger_lib.LedgerState(ledger, optimizer.iterations)
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                   ledger=state)
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=2)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s at step %d", manager.latest_checkpoint,
-                 int(optimizer.iterations.numpy()))
+  _restore(checkpoint, manager, ledger, workdir)
+  for name, text in [(CONFIG, json.dumps(config.to_dict(), indent=2))] + (
+      list((files or {}).items())):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(text)
   start = int(optimizer.iterations.numpy())
+  if start:
+    logging.info("Resumed from %s at step %d", manager.latest_checkpoint,
+                 start)
 
   # -- train ------------------------------------------------------------------
   steps_per_epoch = max(1, int(round(1.0 / q)))
   epochs = int(math.ceil(steps / steps_per_epoch))
-  train = data_lib.poisson_batches(dataset.x_train, dataset.y_train, q, steps,
-                                   seed=config.seed, start_step=start)
+  train = data_lib.distributed_poisson_batches(
+      strategy, dataset.x_train, dataset.y_train, q, steps,
+      seed=config.noise_seed, start_step=start)
   test = data_lib.shuffled_batches(dataset.x_test, dataset.y_test,
                                    config.eval_batch_size, seed=None)
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  test = test.with_options(options)
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   with _Terminate() as terminate:
+    saver = callbacks_lib.CheckpointEveryEpoch(manager,
+                                               lambda: terminate.requested)
+    saver.set_model(model)
     callbacks = [
+        saver,  # first: it checks the (private) loss for finiteness
         callbacks_lib.PrivacyCallback(n, config.batch_size, sigma,
                                       delta=config.delta,
                                       accountant=config.accountant),
         callbacks_lib.StepLimit(steps),
-        callbacks_lib.TrainingSummaries(writer, config.to_dict()),
-        callbacks_lib.CheckpointEveryEpoch(manager,
-                                           lambda: terminate.requested),
+        callbacks_lib.TrainingSummaries(writer, config.to_dict(),
+                                        nonprivate=config.nonprivate_metrics),
     ]
+    if not config.nonprivate_metrics:
+      callbacks.append(callbacks_lib.HideNonPrivateLogs())
     if start < steps:
       model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch,
                 initial_epoch=min(start // steps_per_epoch, epochs - 1),
                 validation_data=test, callbacks=callbacks, verbose=verbose)
-    if terminate.requested:
-      manager.save()
+    if saver.failure is None and terminate.requested:
+      saver.save()
       logging.warning("SIGTERM: checkpointed at step %d; rerun to resume",
                       int(optimizer.iterations.numpy()))
       return None
-  manager.save()
+  if saver.failure is None:
+    saver.save()
+  if saver.failure is not None:
+    raise callbacks_lib.NonFiniteLossError(saver.failure)
 
   # -- evaluate & save ----------------------------------------------------------
   done = int(optimizer.iterations.numpy())
@@ -247,16 +336,12 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
       "noise_multiplier": sigma, "l2_norm_clip": config.l2_norm_clip,
       "steps": done, "sampling_probability": q, "num_examples": n,
       "batch_size": config.batch_size, "accountant": config.accountant,
+      "private_randomness": config.noise_seed is None,
       "sparsity": 1.0 - density["overall"], "density": density,
       "wall_time_s": time.time() - start_time, "resumed_from_step": start,
       "versions": _versions(), "config": config.to_dict(),
-      "replicas": strategy.num_replicas_in_sync,
+      "replicas": strategy.num_replicas_in_sync, "ledger": ledger.to_dict(),
   }
-  if strategy.num_replicas_in_sync > 1:
-    results["privacy_warning"] = (
-        "multi-replica run: each replica samples and noises its own batch, "
-        "so the reported epsilon (one event per step) is NOT a valid bound")
-    logging.warning(results["privacy_warning"])
   with writer.as_default():
     callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)
   writer.flush()

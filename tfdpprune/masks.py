@@ -2,7 +2,10 @@
 
 A mask is 1 where a coordinate is updated and 0 where it is not. Masks are
 computed from public inputs only: the seed (and the step, for re-draws), the
-current weights (already released), or gradients on `public_data`.
+current weights (already released), or gradients on `public_data`. Random
+scores come from a stream derived from the seed for masks alone
+(`randomness.derived_key(seed, "masks")`), unrelated to the secret keys of
+DP noise and Poisson sampling.
 
 The same functions run eagerly (freeze mode, once, in `prune`) and in graph
 (select mode, every k optimizer steps, inside the training step), so a
@@ -13,6 +16,7 @@ import re
 from typing import Dict, List, Sequence, Tuple
 
 from tfdpprune import pruning
+from tfdpprune import randomness
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 from tfdpprune.config import PruneConfig
@@ -120,7 +124,10 @@ def compute_masks(config: PruneConfig, variables, *, draw=0, sparsity=None,
   layouts = [_units(v.shape, config.granularity) for v in variables]
   counts = [u for u, _ in layouts]
   if config.method == "random":
-    seed = tf.stack([tf.cast(config.seed, tf.int64), tf.cast(draw, tf.int64)])
+    # A public stream of its own: derived from the seed for masks only, so
+    # a released mask reveals nothing about DP noise or Poisson sampling.
+    seed = randomness.step_seed(
+        randomness.derived_key(config.seed, randomness.MASKS), draw)
     flat = tf.random.stateless_uniform([sum(counts)], seed=seed)
     unit_scores = tf.split(flat, counts) if len(counts) > 1 else [flat]
   else:

@@ -7,13 +7,25 @@ One step over B examples with selection masks m (1 = selected):
 2. masked before the norm: g_i * m; clipped jointly over all selected
    coordinates to L2 norm C: c_i = C / max(||g_i * m||, C);
 3. summed: s = sum_i c_i (g_i * m);
-4. Gaussian noise N(0, sigma^2 C^2) added on selected coordinates only;
-5. divided by B (or by `expected_batch_size` under Poisson sampling);
+4. Gaussian noise N(0, sigma^2 C^2) added on selected coordinates only,
+   once per global step: with R replicas (`tf.distribute`), each replica
+   sums its own examples and only replica 0 adds noise, so the all-reduced
+   sum carries exactly one draw;
+5. divided by B (or by `expected_batch_size` under Poisson sampling; B is
+   the global batch across replicas);
 6. applied with SGD / momentum, masking the *update*: a coordinate with m = 0
    in this step does not move in this step, and its momentum is kept.
+
+An example whose gradient (or loss) is not finite gets clipping coefficient 0
+and contributes nothing. The noise comes from a secret key drawn from OS
+entropy at construction (or from an explicit `noise_seed`); the key is kept
+in memory only: checkpoints, SavedModels and `.keras` files never hold it.
 """
 
+import dataclasses
+import sys
 from typing import Dict, Optional, Tuple
+import weakref
 
 from absl import logging
 import numpy as np
@@ -21,6 +33,8 @@ import numpy as np
 from tfdpprune import masks as masks_lib
 from tfdpprune import per_example
 from tfdpprune import pruning
+from tfdpprune import randomness
+from tfdpprune import validation
 from tfdpprune._compat import dp_optimizer_keras
 from tfdpprune._compat import gaussian_query
 from tfdpprune._compat import keras
@@ -76,9 +90,18 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
     learning_rate, momentum, nesterov: as in `keras.optimizers.legacy.SGD`.
     expected_batch_size: divide the noised sum by this instead of the actual
       batch size (right for Poisson-sampled, variable-size batches).
-    noise_seed: seed of the noise generator (a checkpointed
-      `tf.random.Generator`); None draws a non-deterministic seed.
+    noise_seed: None (default): the noise key is secret, drawn from OS
+      entropy and never saved. An integer makes the noise reproducible and
+      public (experiments only: the guarantee then assumes the adversary does
+      not know the seed); it is then part of `get_config`.
+    iterations: the optimizer's initial step count (restored by `.keras`
+      loading, so the step count, and epsilon, survive save/load).
     name, **kwargs: passed to `keras.optimizers.legacy.SGD`.
+
+  The optimizer refuses, when it is first used, a model whose per-example
+  gradients are undefined (BatchNormalization in training mode, activity
+  regularizers, weight penalties; see `tdp.validate`), whether or not the
+  model went through `tdp.prune`.
   """
 
   _warned_fallback = False
@@ -87,6 +110,10 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
                learning_rate=0.01, momentum=0.0, nesterov=False,
                expected_batch_size=None, noise_seed=None,
                name="MaskedDPKerasSGDOptimizer", **kwargs):
+    iterations = kwargs.pop("iterations", 0)
+    if (isinstance(iterations, bool) or
+        not isinstance(iterations, (int, np.integer)) or iterations < 0):
+      raise ValueError(f"iterations={iterations!r} must be an integer >= 0")
     for key in ("num_microbatches", "gradient_accumulation_steps",
                 "global_state"):
       value = kwargs.pop(key, None)
@@ -107,19 +134,26 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
     self._l2_norm_clip = float(l2_norm_clip)
     self._noise_multiplier = float(noise_multiplier)
     self._expected_batch_size = expected_batch_size
+    if noise_seed is not None and (isinstance(noise_seed, bool) or
+                                   not isinstance(noise_seed, int)):
+      raise ValueError(f"noise_seed={noise_seed!r} must be an integer or None")
     self._noise_seed = noise_seed
+    self._validated_models = weakref.WeakSet()
     with tf.init_scope():
-      if noise_seed is None:
-        self._noise_rng = tf.random.Generator.from_non_deterministic_state()
-      else:
-        self._noise_rng = tf.random.Generator.from_seed(noise_seed)
+      # The noise key, in a variable so that a traced graph (e.g. written to
+      # TensorBoard) holds a handle, not the key. Deliberately NOT tracked:
+      # no checkpoint, SavedModel or .keras file can replay the noise.
+      self._noise_key = tf.Variable(
+          randomness.private_key(randomness.NOISE, noise_seed),
+          dtype=tf.int64, trainable=False, name="noise_key")
       # A diagnostic computed from raw private gradients, outside the DP
       # guarantee: the fraction of examples clipped in the last step.
       self._clip_fraction = tf.Variable(
           0.0, trainable=False, name="clip_fraction_diagnostic",
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    self._track_trackable(self._noise_rng, name="noise_rng")
     self._masks = self._normalize_masks(masks)
+    if iterations:
+      self.iterations.assign(int(iterations))
 
   # -- properties -----------------------------------------------------------
 
@@ -134,6 +168,11 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
   @property
   def expected_batch_size(self):
     return self._expected_batch_size
+
+  @property
+  def noise_seed(self):
+    """The explicit noise seed, or None (secret noise)."""
+    return self._noise_seed
 
   @property
   def clip_fraction(self):
@@ -231,6 +270,7 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         loss = tf.reduce_mean(tf.reshape(loss, [tf.shape(loss)[0], -1]), 1)
       loss_sum = tf.reduce_sum(loss)
 
+    self._check_models(var_list)
     for selector in masks_lib.selectors(self._owners(var_list)):
       selector.update(self.iterations)
 
@@ -245,23 +285,36 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
       batch = tf.shape(loss)[0]
       plan = self._fast_plan(selected, loss)
       if plan is not None:
-        sq_norms, sum_fns = self._fast_norms(plan, specs, tape, loss_sum,
-                                             batch)
+        sq_norms, sums_of = self._fast_norms(plan, specs, tape, loss_sum,
+                                             loss)
       else:
-        sq_norms, sum_fns = self._fallback_norms(selected, specs, tape, loss)
+        sq_norms, sums_of = self._fallback_norms(selected, specs, tape, loss)
       norms = tf.sqrt(sq_norms)
       clip = tf.constant(self._l2_norm_clip, norms.dtype)
-      coef = clip / tf.maximum(norms, clip)
+      # A non-finite input, activation or gradient of example i makes its
+      # norm (and usually its loss) non-finite: coefficient 0, and the sums
+      # are then taken over inputs with its rows zeroed (0 * NaN is NaN).
+      finite = tf.math.is_finite(norms) & tf.math.is_finite(
+          tf.cast(loss, norms.dtype))
+      coef = tf.where(finite, clip / tf.maximum(norms, clip),
+                      tf.zeros_like(norms))
       self._clip_fraction.assign(tf.math.divide_no_nan(
           tf.reduce_sum(tf.cast(norms > clip, tf.float32)),
           tf.cast(batch, tf.float32)))
-      sums: Dict[object, tf.Tensor] = {}
-      for fn in sum_fns:
-        sums.update(fn(coef))
-      denominator = (float(self._expected_batch_size)
-                     if self._expected_batch_size else batch)
+      sums = sums_of(coef, finite)
+      replica = _replica_context()
+      if self._expected_batch_size:
+        denominator = tf.constant(float(self._expected_batch_size))
+      elif replica is not None:  # the global batch of this step
+        denominator = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         tf.cast(batch, tf.float32))
+      else:
+        denominator = tf.cast(batch, tf.float32)
+      # Noise once per global step: only replica 0 adds its draw.
+      gate = (1.0 if replica is None else tf.cast(
+          tf.equal(replica.replica_id_in_sync_group, 0), tf.float32))
       grads = []
-      for var in var_list:
+      for index, var in enumerate(var_list):
         spec, excluded = specs[var.ref()]
         if excluded:
           grads.append(tf.zeros_like(var))
@@ -270,13 +323,29 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         if total is None:  # selected but unconnected to the loss
           total = tf.zeros_like(var)
         total = tf.cast(total, var.dtype)
-        noise = self._noise_rng.normal(
-            tf.shape(var), stddev=self._l2_norm_clip * self._noise_multiplier,
-            dtype=var.dtype)
+        noise = tf.random.stateless_normal(
+            tf.shape(var), randomness.step_seed(self._noise_key,
+                                                self.iterations, index),
+            stddev=self._l2_norm_clip * self._noise_multiplier,
+            dtype=var.dtype) * tf.cast(gate, var.dtype)
         if spec is not None:
           noise = noise * spec.value
         grads.append((total + noise) / tf.cast(denominator, var.dtype))
     return list(zip(grads, var_list))
+
+  def _check_models(self, var_list):
+    """Refuses (once per model) the models training `var_list` that break
+    per-example gradients: found on the Python stack at trace time (Keras'
+    `train_step`, or a custom loop's local variables)."""
+    refs = None
+    for model in _models_on_stack():
+      if model in self._validated_models:
+        continue
+      if refs is None:
+        refs = {v.ref() for v in var_list}
+      if any(v.ref() in refs for v in model.trainable_variables):
+        validation.validate(model, strict=True)
+        self._validated_models.add(model)
 
   def _owners(self, var_list):
     seen, out = set(), []
@@ -301,14 +370,16 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
       plan.setdefault(owner, (captures, []))[1].append(var)
     return plan
 
-  def _fast_norms(self, plan, specs, tape, loss_sum, batch):
-    """Per-layer norms from captured activations and one backward pass."""
+  def _fast_norms(self, plan, specs, tape, loss_sum, loss):
+    """Per-layer norms from captured activations and one backward pass.
+
+    Returns `(sq_norms [B], sums_of)`, `sums_of(coef, finite)` giving the
+    clipped sums `{var ref: sum}`.
+    """
     owners = list(plan)
     zs = [c.outputs for o in owners for c in plan[o][0]]
     deltas = tape.gradient(loss_sum, zs) if zs else []
-    sq_norms = tf.zeros([batch], loss_sum.dtype)
-    sum_fns = []
-    i = 0
+    layers, i = [], 0
     for owner in owners:
       captures, variables = plan[owner]
       pairs = []
@@ -316,20 +387,34 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         if deltas[i] is not None:
           pairs.append((capture, deltas[i]))
         i += 1
-      if not pairs:
-        continue
-      masks = {}
-      for var in variables:
-        spec = specs[var.ref()][0]
-        masks[owner.role_of(var)] = spec if spec is not None else _Spec(None)
-      sq, role_sum = owner.sampler.per_example(owner.layer, pairs, masks)
-      sq_norms += tf.cast(sq, sq_norms.dtype)
-      roles = {owner.role_of(v): v for v in variables}
+      if pairs:
+        masks = {}
+        for var in variables:
+          spec = specs[var.ref()][0]
+          masks[owner.role_of(var)] = spec if spec is not None else _Spec(None)
+        layers.append((owner, {owner.role_of(v): v for v in variables},
+                       pairs, masks))
 
-      def sum_fn(coef, role_sum=role_sum, roles=roles):
-        return {roles[r].ref(): s for r, s in role_sum(coef).items()}
-      sum_fns.append(sum_fn)
-    return sq_norms, sum_fns
+    def per_layer(keep):
+      """Norms and sum functions; with `keep`, over sanitized captures."""
+      sq_norms, role_sums = tf.zeros_like(loss), []
+      for owner, roles, pairs, masks in layers:
+        if keep is not None:
+          pairs = [(dataclasses.replace(c, inputs=_zero_rows(c.inputs, keep)),
+                    _zero_rows(d, keep)) for c, d in pairs]
+        sq, role_sum = owner.sampler.per_example(owner.layer, pairs, masks)
+        sq_norms = sq_norms + tf.cast(sq, sq_norms.dtype)
+        role_sums.append((roles, role_sum))
+
+      def sums(coef):
+        out = {}
+        for roles, role_sum in role_sums:
+          out.update({roles[r].ref(): s for r, s in role_sum(coef).items()})
+        return out
+      return sq_norms, sums
+
+    sq_norms, raw_sums = per_layer(None)
+    return sq_norms, _guarded(raw_sums, lambda keep: per_layer(keep)[1])
 
   def _fallback_norms(self, selected, specs, tape, loss):
     """Vectorized (pfor) jacobian per-example gradients, for any model."""
@@ -342,19 +427,22 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
           "jacobian, which is much slower. Wrap the model with "
           "model = tdp.prune(model) for the fast path.")
     if not selected:
-      return tf.zeros([tf.shape(loss)[0]], loss.dtype), []
+      return tf.zeros_like(loss), lambda coef, finite: {}
     jacobians = per_example.jacobian_per_example(tape, loss, selected)
-    sq_norms, sum_fns = 0.0, []
-    for var, g in zip(selected, jacobians):
-      spec = specs[var.ref()][0]
-      sq, fn = per_example.materialized_engine(
-          g, spec if spec is not None else _Spec(None))
-      sq_norms += sq
 
-      def sum_fn(coef, fn=fn, var=var):
-        return {var.ref(): fn(coef)}
-      sum_fns.append(sum_fn)
-    return sq_norms, sum_fns
+    def engines(keep):
+      sq_norms, fns = tf.zeros_like(loss), []
+      for var, g in zip(selected, jacobians):
+        spec = specs[var.ref()][0]
+        sq, fn = per_example.materialized_engine(
+            g if keep is None else _zero_rows(g, keep),
+            spec if spec is not None else _Spec(None))
+        sq_norms += tf.cast(sq, sq_norms.dtype)
+        fns.append((var, fn))
+      return sq_norms, lambda coef: {v.ref(): fn(coef) for v, fn in fns}
+
+    sq_norms, raw_sums = engines(None)
+    return sq_norms, _guarded(raw_sums, lambda keep: engines(keep)[1])
 
   def get_gradients(self, loss, params):
     raise NotImplementedError(
@@ -394,10 +482,64 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
   # -- serialization --------------------------------------------------------
 
   def get_config(self):
+    """The constructor arguments, with the step count and no secret.
+
+    `iterations` is included so that a model reloaded from a `.keras` file
+    (which does not store legacy optimizer variables) keeps its step count,
+    and `PrivacyCallback` the epsilon of all steps taken. `noise_seed` is
+    included only if the user passed one.
+    """
     config = keras.optimizers.legacy.SGD.get_config(self)
     config.update(l2_norm_clip=self._l2_norm_clip,
                   noise_multiplier=self._noise_multiplier,
                   expected_batch_size=self._expected_batch_size,
-                  noise_seed=self._noise_seed)
+                  iterations=int(keras.backend.get_value(self.iterations)))
+    if self._noise_seed is not None:
+      config["noise_seed"] = self._noise_seed
     return config
+
+
+def _replica_context():
+  """The replica context of a multi-replica step, or None."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return None
+  return ctx
+
+
+def _guarded(raw_sums, sanitized_sums):
+  """`sums_of(coef, finite)`: the raw sums when every example is finite (no
+  extra work per step), else sums over inputs with bad examples zeroed."""
+  def sums_of(coef, finite):
+    raw = raw_sums(coef)
+    if not raw:
+      return raw
+    refs = list(raw)
+    values = tf.cond(
+        tf.reduce_all(finite), lambda: [raw[r] for r in refs],
+        lambda: [sanitized_sums(finite)(coef)[r] for r in refs])
+    return dict(zip(refs, values))
+  return sums_of
+
+
+def _zero_rows(t, keep):
+  """`t` with the examples where `keep` is False set to 0 (floats only)."""
+  if not t.dtype.is_floating:
+    return t
+  keep = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
+  return tf.where(keep, t, tf.zeros_like(t))
+
+
+def _models_on_stack(max_depth=64):
+  """Keras models referenced by the local variables of the calling frames."""
+  seen, out = set(), []
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  depth = 0
+  while frame is not None and depth < max_depth:
+    for value in list(frame.f_locals.values()):
+      if isinstance(value, keras.Model) and id(value) not in seen:
+        seen.add(id(value))
+        out.append(value)
+    frame, depth = frame.f_back, depth + 1
+  return out
 

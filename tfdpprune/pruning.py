@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence
 
 from tfdpprune import config as config_lib
 from tfdpprune import per_example
+from tfdpprune import validation
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
@@ -225,28 +226,6 @@ def supported_layer_names():
   return sorted(cls.__name__ for cls in per_example.supported_layer_classes())
 
 
-def check_layer(layer) -> None:
-  """Refuses layers that break per-example DP (BatchNorm, weight penalties)."""
-  if isinstance(layer, keras.layers.BatchNormalization):
-    raise ValueError(
-        f"layer {layer.name!r} is BatchNormalization: it mixes the examples "
-        "of a batch, so per-example gradients (and DP-SGD's sensitivity "
-        "bound) are undefined. Use GroupNormalization or LayerNormalization.")
-  if getattr(layer, "activity_regularizer", None) is not None:
-    raise ValueError(
-        f"layer {layer.name!r} has an activity_regularizer: it adds a "
-        "batch-level loss that is not a per-example loss, so DP-SGD's "
-        "per-example clipping would not bound it. Remove it.")
-  for attr in ("kernel_regularizer", "bias_regularizer",
-               "embeddings_regularizer", "depthwise_regularizer",
-               "gamma_regularizer", "beta_regularizer"):
-    if getattr(layer, attr, None) is not None:
-      raise ValueError(
-          f"layer {layer.name!r} has a {attr}: weight penalties are not "
-          "per-example losses and are not supported under DP; use the "
-          "optimizer's weight decay instead.")
-
-
 def _wrap_model(model, wrap_fn):
   if not (isinstance(model, keras.Sequential) or
           getattr(model, "_is_graph_network", False)):
@@ -254,8 +233,7 @@ def _wrap_model(model, wrap_fn):
         "tdp.prune supports Sequential and functional Keras models; got a "
         f"subclassed {type(model).__name__}. The DP optimizer still works on "
         "it through its (slower) vectorized fallback.")
-  for layer in model.layers:
-    check_layer(layer)
+  validation.validate(model, strict=True)
   return keras.models.clone_model(model, clone_function=wrap_fn)
 
 

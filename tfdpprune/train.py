@@ -21,7 +21,9 @@ from absl import logging
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfdpprune import callbacks
 from tfdpprune import experiment
+from tfdpprune import ledger
 from tfdpprune.config import PruneConfig
 from tfdpprune.config import TrainConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -32,7 +34,20 @@ _D = TrainConfig()
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, "
                     "results.json). Default: runs/<dataset>-<model>-<hash of "
                     "the flags>, so the same command resumes the same run.")
-flags.DEFINE_integer("seed", _D.seed, "Seed of init, sampling, noise, masks.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of PUBLIC randomness only: "
+                     "initialization, random mask scores, the public/private "
+                     "split, public pre-training. DP noise and Poisson "
+                     "sampling are always secret unless --noise_seed is set.")
+flags.DEFINE_integer("noise_seed", None, "Experiments only: makes DP noise "
+                     "and Poisson sampling reproducible from this seed, and "
+                     "therefore NOT secret (results.json records "
+                     "private_randomness: false). Default: secret keys from "
+                     "OS entropy at every start and resume.")
+flags.DEFINE_bool("nonprivate_metrics", _D.nonprivate_metrics, "Opt in to "
+                  "statistics of private training batches (loss, accuracy, "
+                  "clip fraction) in the progress bar and under TensorBoard's "
+                  "nonprivate/ tags. They are NOT covered by the DP "
+                  "guarantee: do not release them.")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line.")
 flags.DEFINE_enum("distribute", "auto", ["auto", "none", "multi_worker"],
                   "multi_worker: tf.distribute.MultiWorkerMirroredStrategy "
@@ -141,7 +156,8 @@ def config_from_flags() -> TrainConfig:
       l2_norm_clip=FLAGS.l2_norm_clip, noise_multiplier=sigma,
       target_epsilon=target, delta=FLAGS.delta, accountant=FLAGS.accountant,
       prune=_prune_config(), init_checkpoint=FLAGS.init_checkpoint,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
+      nonprivate_metrics=FLAGS.nonprivate_metrics)
 
 
 def default_workdir(config: TrainConfig) -> str:
@@ -168,11 +184,16 @@ def main(argv):
     # Non-chief workers keep their checkpoints and summaries apart.
     workdir = os.path.join(workdir, "workers",
                            f"worker_{strategy.cluster_resolver.task_id}")
-  os.makedirs(workdir, exist_ok=True)
-  FLAGS.append_flags_into_file(os.path.join(workdir, "flags.txt"))
   try:
     results = experiment.run(config, workdir, verbose=FLAGS.verbose,
-                             strategy=strategy)
+                             strategy=strategy,
+                             files={"flags.txt": FLAGS.flags_into_string()})
+  except ledger.LedgerMismatch as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except callbacks.NonFiniteLossError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
   except ValueError as e:
     if str(e).startswith("--"):
       raise app.UsageError(str(e)) from e
@@ -180,6 +201,9 @@ def main(argv):
   if results is None:
     sys.exit(143)  # preempted (SIGTERM) after checkpointing; rerun resumes
   logging.info("results: %s", os.path.join(workdir, experiment.RESULTS))
+  if not results["private_randomness"]:
+    print("WARNING: --noise_seed was set: noise and sampling were NOT "
+          "secret; epsilon assumes the seed is unknown.", file=sys.stderr)
   print(f"test accuracy {results['test_accuracy']:.4f} | epsilon "
         f"{results['epsilon']:.3f} (delta {results['delta']:g}, "
         f"{results['accountant']}) | noise multiplier "

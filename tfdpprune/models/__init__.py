@@ -13,6 +13,7 @@ models.check_dp_compatible(model)
 
 from typing import Callable, Dict, List
 
+from tfdpprune import validation
 from tfdpprune._compat import keras
 from tfdpprune.models import mlp as _mlp
 from tfdpprune.models import resnet as _resnet
@@ -80,38 +81,18 @@ def get_model(name: str, input_shape, num_classes: int, **kwargs
   return _REGISTRY[name](tuple(input_shape), int(num_classes), **kwargs)
 
 
-def _is_batch_norm(layer) -> bool:
-  return (isinstance(layer, keras.layers.BatchNormalization) or
-          any(c.__name__.startswith(("BatchNormalization",
-                                     "SyncBatchNormalization"))
-              for c in type(layer).__mro__))
-
-
 def check_dp_compatible(model: keras.Model) -> None:
   """Refuses models whose per-example gradients are undefined.
 
-  BatchNormalization normalizes with statistics of the whole batch (and
-  updates running statistics from it), so one example's output and gradient
-  depend on the other examples: per-example gradients, and with them the
-  sensitivity DP-SGD's clipping bounds, are undefined. Nested models and
-  wrapped layers are inspected too.
-
-  Args:
-    model: a Keras model or layer.
+  `tfdpprune.validation.validate(model, strict=True)`: BatchNormalization in
+  training mode (batch statistics mix the examples of a batch), activity
+  regularizers and weight penalties; nested models and wrapped layers are
+  inspected too.
 
   Raises:
-    ValueError: naming the BatchNormalization layers.
+    ValueError: naming every offending layer, why, and the fix.
   """
-  layers = [model] + list(getattr(model, "submodules", ()))
-  offenders = sorted({l.name for l in layers
-                      if isinstance(l, keras.layers.Layer) and
-                      _is_batch_norm(l)})
-  if offenders:
-    raise ValueError(
-        f"model {model.name!r} is not DP-compatible: BatchNormalization "
-        f"layers {offenders} mix the examples of a batch (batch statistics), "
-        "so per-example gradients and DP-SGD's sensitivity are undefined. "
-        "Use GroupNormalization or LayerNormalization instead.")
+  validation.validate(model, strict=True)
 
 
 register("tutorial_cnn")(_tutorial.tutorial_cnn)
