@@ -69,3 +69,22 @@ def test_two_local_workers_noise_once_and_step_equals_single(tmp_path):
     assert p.returncode == 0, err[-3000:]
   with open(out) as f:
     _check_step(json.load(f))
+
+
+def test_trainer_with_two_mirrored_replicas_reports_single_replica_epsilon(
+    tmp_path):
+  from tfdpprune import accounting  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfdpprune.train", "--distribute=mirrored",
+       "--cpu_replicas=2", "--steps=6", "--noise_multiplier=1.0",
+       "--prune_mode=select", "--sparsity=0.5", "--verbose=0",
+       f"--workdir={workdir}"], cwd=ROOT, env=_env(), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["replicas"] == 2 and results["steps"] == 6
+  assert "privacy_warning" not in results
+  assert results["epsilon"] == accounting.compute_epsilon(
+      results["num_examples"], 128, 1.0, steps=6)

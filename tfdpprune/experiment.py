@@ -155,6 +155,21 @@ def build_model(config: TrainConfig, dataset, public):
                        public_data=public if needs_public else None)
 
 
+def mirrored_strategy(cpu_replicas: int = 0):
+  """`MirroredStrategy` over the local GPUs, or `cpu_replicas` logical CPUs.
+
+  Logical CPU devices must be configured before TensorFlow initializes its
+  devices: call this first.
+  """
+  if cpu_replicas > 1:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(cpu_replicas)])
+  return tf.distribute.MirroredStrategy()
+
+
 def multi_worker_strategy():
   """`MultiWorkerMirroredStrategy` from the `TF_CONFIG` environment."""
   return tf.distribute.MultiWorkerMirroredStrategy()

@@ -15,7 +15,6 @@ resumed run re-draws exactly what an uninterrupted one does.
 import re
 from typing import Dict, List, Sequence, Tuple
 
-from tfdpprune import pruning
 from tfdpprune import randomness
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -25,10 +24,21 @@ from tfdpprune.config import PruneConfig
 # parameters stay fully trained unless `weights="all"`.
 KERNEL_ROLES = ("kernel", "depthwise_kernel", "embeddings")
 
-Entry = Tuple["pruning.PruneWrapper", str, tf.Variable]
+# A masked layer is anything with the `PruneWrapper` protocol: `layer`,
+# `name`, `roles()` (trainable variables by role), `mask(role)`,
+# `select_masks`, `select_roles`, `select_config` and `selector`. Mask math
+# knows the protocol, not the wrapper class (pruning.py builds on masks.py).
+Entry = Tuple[object, str, tf.Variable]
 
 
-def eligible(wrappers: Sequence["pruning.PruneWrapper"],
+def masked_layers(model) -> list:
+  """The layers of `model` that carry masks (`PruneWrapper`s), in order."""
+  return [l for l in model.layers
+          if callable(getattr(l, "roles", None)) and
+          callable(getattr(l, "mask", None))]
+
+
+def eligible(wrappers: Sequence[object],
              config: PruneConfig) -> List[Entry]:
   """`(wrapper, role, variable)` of the variables `config` may mask."""
   out = []
@@ -196,23 +206,40 @@ class Selector:
                           tf.constant(value, tf.float32), sparsity)
     return sparsity
 
-  def redraw(self, step):
+  def _draw(self, step):
     k = self.config.effective_every_k_steps
+    return compute_masks(self.config, [v for _, _, v in self.entries],
+                         draw=step // k, sparsity=self.sparsity_at(step))
+
+  def _mask_variables(self):
+    return [w.select_masks[role] for w, role, _ in self.entries]
+
+  def redraw(self, step):
     step = tf.cast(step, tf.int64)
-    masks = compute_masks(self.config, [v for _, _, v in self.entries],
-                          draw=step // k, sparsity=self.sparsity_at(step))
-    return tf.group(*[w.select_masks[role].assign(m, read_value=False)
-                      for (w, role, _), m in zip(self.entries, masks)])
+    return tf.group(*[v.assign(m, read_value=False) for v, m in zip(
+        self._mask_variables(), self._draw(step))])
 
   def update(self, step):
-    """In graph: re-draw when `step % k == 0`."""
+    """In graph: re-draw when `step % k == 0`.
+
+    Under a tf.distribute strategy the masks are mirrored variables, whose
+    assignment synchronizes replicas and may not sit inside a `tf.cond`: the
+    new or current values are chosen in the cond and assigned after it (every
+    replica draws the same masks from public inputs).
+    """
     k = self.config.effective_every_k_steps
     step = tf.cast(step, tf.int64)
-    return tf.cond(tf.equal(step % k, 0), lambda: self.redraw(step),
-                   tf.no_op)
+    redraw = tf.equal(step % k, 0)
+    if not tf.distribute.has_strategy():
+      return tf.cond(redraw, lambda: self.redraw(step), tf.no_op)
+    variables = self._mask_variables()
+    values = tf.cond(redraw, lambda: self._draw(step),
+                     lambda: [tf.identity(v) for v in variables])
+    return tf.group(*[v.assign(m, read_value=False)
+                      for v, m in zip(variables, values)])
 
 
-def selectors(owners: Sequence["pruning.PruneWrapper"]) -> List[Selector]:
+def selectors(owners: Sequence[object]) -> List[Selector]:
   """The selectors of `owners` (built on first use, also after loading)."""
   groups: Dict[PruneConfig, list] = {}
   for w in owners:
@@ -232,61 +259,11 @@ def selectors(owners: Sequence["pruning.PruneWrapper"]) -> List[Selector]:
   return out
 
 
-# -- prune --------------------------------------------------------------------
-
-
-def apply_config(model, config, *, public_data=None):
-  """`tdp.prune(model, config)`: wrap, add masks, compute freeze masks.
-
-  `config` is a `PruneConfig` or a sequence of them (e.g. a freeze and a
-  select config: the updated set is their intersection).
-  """
-  configs = [config] if isinstance(config, PruneConfig) else list(config)
-  for c in configs:
-    if not isinstance(c, PruneConfig):
-      raise TypeError(f"config must be a PruneConfig, got {type(c).__name__}")
-  if public_data is not None and not any(
-      c.method.startswith("public") for c in configs):
-    raise ValueError("public_data is only used by the public_gradient and "
-                     "public_saliency methods")
-  if not model.built:
-    raise ValueError(
-        "tdp.prune(model, config) needs a built model, since masks are chosen "
-        "from its weights: start it with keras.Input(shape) or call "
-        "model.build(input_shape) first")
-  model = pruning.wrap(model)
-  for c in configs:
-    entries = eligible(pruning.wrappers(model), c)
-    if not entries:
-      names = [w.layer.name for w in pruning.wrappers(model)]
-      raise ValueError(f"PruneConfig.layers={c.layers!r} with weights="
-                       f"{c.weights!r} selects no variable; supported layers "
-                       f"of this model: {names}")
-    kind = "freeze" if c.mode == "freeze" else "select"
-    for w, role, _ in entries:
-      w.add_masks(kind, [role], c.granularity)
-    variables = [v for _, _, v in entries]
-    if c.mode == "freeze":
-      grads = (public_gradients(model, variables, public_data)
-               if c.method.startswith("public") else None)
-      for (w, role, var), m in zip(entries, compute_masks(
-          c, variables, public_grads=grads)):
-        w.freeze_masks[role].assign(m)
-        if c.effective_pruned == "zero":
-          var.assign(var * m)
-    else:
-      for w, _, _ in entries:
-        w.set_select_config(c)
-      selectors(list({id(w): w for w, _, _ in entries}.values()))
-      entries[0][0].selector.redraw(0)
-  return model
-
-
 def density(model) -> Dict[str, float]:
   """Fraction of coordinates updated now, per layer and `"overall"`."""
   out, updated, total = {}, 0.0, 0
   covered = set()
-  for w in pruning.wrappers(model):
+  for w in masked_layers(model):
     layer_updated, layer_total = 0.0, 0
     for role, var in w.roles().items():
       covered.add(var.ref())

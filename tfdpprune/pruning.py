@@ -19,6 +19,7 @@ import weakref
 from typing import Dict, Optional, Sequence
 
 from tfdpprune import config as config_lib
+from tfdpprune import masks
 from tfdpprune import per_example
 from tfdpprune import validation
 from tfdpprune._compat import keras
@@ -281,8 +282,10 @@ def prune(model, config=None, *, public_data=None):
 
   Args:
     model: a built Sequential or functional `tf_keras` model.
-    config: a `PruneConfig` (freeze or select masks); None only wraps the
-      layers for fast per-example gradients, with every coordinate trained.
+    config: a `PruneConfig` (freeze or select masks), or a sequence of them
+      (e.g. a freeze and a select config: the updated set is their
+      intersection); None only wraps the layers for fast per-example
+      gradients, with every coordinate trained.
     public_data: public examples for the public-data mask methods; never the
       private training data.
 
@@ -294,5 +297,48 @@ def prune(model, config=None, *, public_data=None):
       raise ValueError("public_data is only used with a PruneConfig whose "
                        "method is public_gradient or public_saliency")
     return wrap(model)
-  from tfdpprune import masks  # pylint: disable=g-import-not-at-top
-  return masks.apply_config(model, config, public_data=public_data)
+  configs = ([config] if isinstance(config, config_lib.PruneConfig)
+             else list(config))
+  for c in configs:
+    if not isinstance(c, config_lib.PruneConfig):
+      raise TypeError(f"config must be a PruneConfig, got {type(c).__name__}")
+  if public_data is not None and not any(
+      c.method.startswith("public") for c in configs):
+    raise ValueError("public_data is only used by the public_gradient and "
+                     "public_saliency methods")
+  if not model.built:
+    raise ValueError(
+        "tdp.prune(model, config) needs a built model, since masks are chosen "
+        "from its weights: start it with keras.Input(shape) or call "
+        "model.build(input_shape) first")
+  model = wrap(model)
+  for c in configs:
+    _add_masks(model, c, public_data)
+  return model
+
+
+def _add_masks(model, c, public_data):
+  """Adds the masks of one `PruneConfig` to a wrapped model."""
+  entries = masks.eligible(wrappers(model), c)
+  if not entries:
+    names = [w.layer.name for w in wrappers(model)]
+    raise ValueError(f"PruneConfig.layers={c.layers!r} with weights="
+                     f"{c.weights!r} selects no variable; supported layers "
+                     f"of this model: {names}")
+  kind = "freeze" if c.mode == "freeze" else "select"
+  for w, role, _ in entries:
+    w.add_masks(kind, [role], c.granularity)
+  variables = [v for _, _, v in entries]
+  if c.mode == "freeze":
+    grads = (masks.public_gradients(model, variables, public_data)
+             if c.method.startswith("public") else None)
+    for (w, role, var), m in zip(entries, masks.compute_masks(
+        c, variables, public_grads=grads)):
+      w.freeze_masks[role].assign(m)
+      if c.effective_pruned == "zero":
+        var.assign(var * m)
+  else:
+    for w, _, _ in entries:
+      w.set_select_config(c)
+    masks.selectors(list({id(w): w for w, _, _ in entries}.values()))
+    entries[0][0].selector.redraw(0)

@@ -3,7 +3,7 @@
 DP-SGD's guarantee assumes the adversary does not know the Gaussian noise nor
 which examples Poisson sampling put in each batch. Those two come from
 `PrivateRandomness`: by default, fresh 128-bit keys from the operating
-system's entropy (`secrets`) at every start and resume, held in memory only —
+system's entropy (`os.urandom`) at every start and resume, held in memory only —
 never in a file, a checkpoint, a `.keras` file, a log or a workdir name. An
 explicit `noise_seed` makes them reproducible for experiments (and public:
 such a run's epsilon only holds against an adversary who does not know the
@@ -24,7 +24,7 @@ step and variable index) without reducing the key's 128 bits of entropy.
 """
 
 import hashlib
-import secrets
+import os
 from typing import Optional, Tuple
 
 from tfdpprune._compat import tf
@@ -41,8 +41,10 @@ def _int64(value: int) -> int:
 
 
 def secret_key() -> Key:
-  """A fresh 128-bit key from the OS's entropy source; never stored."""
-  return (_int64(secrets.randbits(64)), _int64(secrets.randbits(64)))
+  """A fresh 128-bit key from the OS's entropy source (`os.urandom`)."""
+  raw = os.urandom(16)
+  return (_int64(int.from_bytes(raw[:8], "little")),
+          _int64(int.from_bytes(raw[8:], "little")))
 
 
 def derived_key(seed: int, purpose: str) -> Key:

@@ -49,10 +49,17 @@ flags.DEFINE_bool("nonprivate_metrics", _D.nonprivate_metrics, "Opt in to "
                   "nonprivate/ tags. They are NOT covered by the DP "
                   "guarantee: do not release them.")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line.")
-flags.DEFINE_enum("distribute", "auto", ["auto", "none", "multi_worker"],
+flags.DEFINE_enum("distribute", "auto",
+                  ["auto", "none", "mirrored", "multi_worker"],
+                  "mirrored: tf.distribute.MirroredStrategy over the local "
+                  "GPUs (or --cpu_replicas logical CPU devices); "
                   "multi_worker: tf.distribute.MultiWorkerMirroredStrategy "
                   "from TF_CONFIG (see launch/multiworker.py); auto: "
                   "multi_worker if TF_CONFIG is set.")
+flags.DEFINE_integer("cpu_replicas", 0, "With --distribute=mirrored: split "
+                     "the CPU into this many logical devices, one replica "
+                     "each (multi-replica DP without GPUs, e.g. for tests); "
+                     "0 = the strategy's default devices.")
 # -- data -----------------------------------------------------------------------
 flags.DEFINE_string("dataset", _D.dataset, "digits | mnist | fashion_mnist | "
                     "emnist | cifar10 | cifar100 | svhn_cropped | an IDX "
@@ -171,7 +178,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   strategy = None
-  if FLAGS.distribute == "multi_worker" or (
+  if FLAGS.cpu_replicas and FLAGS.distribute != "mirrored":
+    raise app.UsageError(f"--cpu_replicas={FLAGS.cpu_replicas} needs "
+                         "--distribute=mirrored")
+  if FLAGS.cpu_replicas < 0:
+    raise app.UsageError(f"--cpu_replicas={FLAGS.cpu_replicas} must be >= 0")
+  if FLAGS.distribute == "mirrored":
+    strategy = experiment.mirrored_strategy(FLAGS.cpu_replicas)
+  elif FLAGS.distribute == "multi_worker" or (
       FLAGS.distribute == "auto" and os.environ.get("TF_CONFIG")):
     # Created first: collective ops must be set up before other TF work.
     strategy = experiment.multi_worker_strategy()
