@@ -461,3 +461,10 @@ def test_poisson_batches_are_secret_by_default():
   a = _batch_ids(data.poisson_batches(x, y, 0.1, 5))
   b = _batch_ids(data.poisson_batches(x, y, 0.1, 5))
   assert a != b  # fresh secret keys
+
+
+def test_integer_seed_selection_reproduces_the_seeded_batches():
+  x, y = _ids(300)
+  batches = _batch_ids(data.poisson_batches(x, y, 0.1, 4, seed=9))
+  for step, ids in enumerate(batches):
+    assert data.poisson_selection(300, 0.1, 9, step).numpy().tolist() == ids

@@ -32,6 +32,7 @@ import dataclasses
 import gzip
 import hashlib
 import math
+import numbers
 import os
 import struct
 from typing import Optional, Tuple
@@ -487,16 +488,21 @@ def _as_tensors(x, y):
 
 
 def poisson_selection(num_examples: int, sampling_probability: float,
-                      key, step, max_batch_size: Optional[int] = None, *,
+                      seed, step, max_batch_size: Optional[int] = None, *,
                       stream=0):
   """Indices of the examples in step `step`'s Poisson batch (sorted).
 
-  Example i joins iff `u_i < q` for `u = stateless_uniform([N],
-  randomness.step_seed(key, step, stream))` (Philox), so the batch depends
-  only on the key, the step and the stream (a replica's partition).
+  `seed` is a key (an `(int64, int64)` pair, e.g. a secret one) or an
+  integer seed, whose key is `randomness.derived_key(seed, "sampling")` (the
+  batches of a `--noise_seed=seed` run). Example i joins iff `u_i < q` for
+  `u = stateless_uniform([N], randomness.step_seed(key, step, stream))`
+  (Philox), so the batch depends only on the key, the step and the stream (a
+  replica's partition).
   With `max_batch_size`, a larger batch keeps the `max_batch_size` examples
   of smallest `u` (a uniformly random subset of the drawn batch).
   """
+  key = (randomness.derived_key(int(seed), randomness.SAMPLING)
+         if isinstance(seed, numbers.Integral) else seed)
   u = tf.random.stateless_uniform(
       [num_examples], seed=randomness.step_seed(key, step, stream),
       alg="philox")
