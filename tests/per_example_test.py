@@ -218,3 +218,107 @@ def test_linear_engine_masked_flat_norm_is_exact():
   np.testing.assert_allclose(sq.numpy(), [73.0])
   np.testing.assert_allclose(sum_fn(tf.constant([0.5])).numpy(),
                              [[1.5, 0.0], [0.0, 4.0]])
+
+
+# -- every layer with weights: generic and dedicated samplers -----------------
+
+
+class _Gated(keras.layers.Layer):
+  """A user-defined layer: y = tanh(x W) * sigmoid(x V) + b."""
+
+  def build(self, input_shape):
+    d = int(input_shape[-1])
+    self.w = self.add_weight("w", [d, 4], initializer="glorot_uniform")
+    self.v = self.add_weight("v", [d, 4], initializer="glorot_uniform")
+    self.b = self.add_weight("b", [4], initializer="zeros")
+
+  def call(self, x):
+    return tf.tanh(x @ self.w) * tf.sigmoid(x @ self.v) + self.b
+
+
+def _sequence_model(layer, steps=6, features=4, tokens=None):
+  keras.utils.set_random_seed(3)
+  if tokens:
+    inputs = keras.Input((steps,), dtype="int32")
+    h = keras.layers.Embedding(tokens, features, mask_zero=True)(inputs)
+  else:
+    inputs = keras.Input((steps, features))
+    h = inputs
+  h = layer(h)
+  if h.shape.rank == 3:
+    h = keras.layers.GlobalAveragePooling1D()(h)
+  return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.SimpleRNN(5),
+    lambda: keras.layers.LSTM(5, return_sequences=True),
+    lambda: keras.layers.GRU(5),
+    lambda: keras.layers.GRU(5, reset_after=False, go_backwards=True),
+    lambda: keras.layers.Bidirectional(keras.layers.LSTM(4)),
+    lambda: keras.layers.TimeDistributed(keras.layers.Dense(5)),
+    lambda: keras.layers.Conv1DTranspose(3, 2) if hasattr(
+        keras.layers, "Conv1DTranspose") else keras.layers.Conv1D(3, 2),
+    lambda: _Gated(),
+], ids=["simple_rnn", "lstm_seq", "gru", "gru_v1_backwards", "bi_lstm",
+        "time_distributed", "conv1d_transpose", "user_defined"])
+def test_sequence_layers_match_loop(make):
+  x, y = _data((6, 4))
+  _check(_sequence_model(make()), x, y)
+
+
+def test_masked_bidirectional_lstm_on_tokens_matches_loop():
+  rng = np.random.default_rng(4)
+  x = rng.integers(1, 9, size=(B, 6)).astype("int32")
+  x[0, 4:] = 0  # padded: masked steps
+  x[2, 2:] = 0
+  y = rng.integers(0, 3, size=B)
+  _check(_sequence_model(keras.layers.Bidirectional(
+      keras.layers.LSTM(4, return_sequences=True)), tokens=9), x, y)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.Conv2DTranspose(3, 3, strides=2),
+    lambda: keras.layers.SeparableConv2D(3, 3, depth_multiplier=2),
+], ids=["conv2d_transpose", "separable_conv2d"])
+def test_image_layers_match_loop(make):
+  keras.utils.set_random_seed(5)
+  model = keras.Sequential([keras.Input((6, 6, 2)), make(),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+  x, y = _data((6, 6, 2))
+  _check(model, x, y)
+
+
+def test_conv3d_matches_loop():
+  keras.utils.set_random_seed(6)
+  model = keras.Sequential([keras.Input((4, 4, 4, 1)),
+                            keras.layers.Conv3D(2, 2),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+  x, y = _data((4, 4, 4, 1))
+  _check(model, x, y)
+
+
+def test_multi_head_attention_block_matches_loop():
+  keras.utils.set_random_seed(7)
+  inputs = keras.Input((5, 8))
+  h = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs)
+  h = keras.layers.LayerNormalization()(h + inputs)
+  h = keras.layers.EinsumDense("btd,de->bte", output_shape=(None, 6),
+                               bias_axes="e")(h)
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  model = keras.Model(inputs, keras.layers.Dense(3)(h))
+  x, y = _data((5, 8))
+  _check(model, x, y)
+
+
+def test_nested_model_layers_are_wrapped_one_by_one():
+  keras.utils.set_random_seed(8)
+  inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5),
+                            keras.layers.Dense(4)], name="inner")
+  inputs = keras.Input((4,))
+  model = keras.Model(inputs, keras.layers.Dense(3)(inner(inputs)))
+  pm = tdp.prune(model)
+  rows = pruning.report(pm)
+  assert len(rows) == 3 and all(s.startswith("dense") for _, _, s in rows)
+  x, y = _data((4,))
+  _check(model, x, y)

@@ -22,7 +22,13 @@ from tfdpprune.config import PruneConfig
 
 # Roles eligible by default (`weights="kernel"`); biases and normalization
 # parameters stay fully trained unless `weights="all"`.
-KERNEL_ROLES = ("kernel", "depthwise_kernel", "embeddings")
+KERNEL_ROLES = ("kernel", "recurrent_kernel", "depthwise_kernel",
+                "pointwise_kernel", "embeddings")
+
+
+def is_kernel_role(role: str) -> bool:
+  """Kernel-like roles, also nested ones ("forward_lstm/lstm_cell/kernel")."""
+  return role.split("/")[-1] in KERNEL_ROLES
 
 # A masked layer is anything with the `PruneWrapper` protocol: `layer`,
 # `name`, `roles()` (trainable variables by role), `mask(role)`,
@@ -32,10 +38,16 @@ Entry = Tuple[object, str, tf.Variable]
 
 
 def masked_layers(model) -> list:
-  """The layers of `model` that carry masks (`PruneWrapper`s), in order."""
-  return [l for l in model.layers
-          if callable(getattr(l, "roles", None)) and
-          callable(getattr(l, "mask", None))]
+  """The layers of `model` (and of nested models) that carry masks
+  (`PruneWrapper`s), in order."""
+  out = []
+  for layer in model.layers:
+    if (callable(getattr(layer, "roles", None)) and
+        callable(getattr(layer, "mask", None))):
+      out.append(layer)
+    elif isinstance(layer, keras.Model):
+      out.extend(masked_layers(layer))
+  return out
 
 
 def eligible(wrappers: Sequence[object],
@@ -48,7 +60,7 @@ def eligible(wrappers: Sequence[object],
         re.search(config.layers, w.name)):
       continue
     for role, var in w.roles().items():
-      if config.weights == "kernel" and role not in KERNEL_ROLES:
+      if config.weights == "kernel" and not is_kernel_role(role):
         continue
       out.append((w, role, var))
   return out

@@ -195,8 +195,14 @@ class Sampler:
     del layer
     return None
 
-  def forward(self, layer, inputs, **kwargs):
-    """Returns `(outputs, a, z)`: layer output, recorded input, pre-act out."""
+  name = "dedicated"
+
+  def forward(self, layer, inputs, *args, **kwargs):
+    """Returns `(outputs, a, z)`: layer output, recorded input, pre-act out.
+
+    `a` and `z` may be nested structures; `z` must be connected to the
+    layer's output, and the optimizer hands `dL/dz` back to `per_example`.
+    """
     raise NotImplementedError
 
   def per_example(self, layer, captures: Sequence[Tuple[Capture, tf.Tensor]],
@@ -204,12 +210,12 @@ class Sampler:
     raise NotImplementedError
 
 
-def _without_activation(layer, inputs, **kwargs):
+def _without_activation(layer, inputs, *args, **kwargs):
   """Calls `layer` with its activation replaced by the identity."""
   activation = layer.activation
   object.__setattr__(layer, "activation", keras.activations.linear)
   try:
-    z = layer.call(inputs, **kwargs)
+    z = layer.call(inputs, *args, **kwargs)
   finally:
     object.__setattr__(layer, "activation", activation)
   return activation(z), z
@@ -224,8 +230,8 @@ class _KernelBiasSampler(Sampler):
       out["bias"] = layer.bias
     return out
 
-  def forward(self, layer, inputs, **kwargs):
-    outputs, z = _without_activation(layer, inputs, **kwargs)
+  def forward(self, layer, inputs, *args, **kwargs):
+    outputs, z = _without_activation(layer, inputs, *args, **kwargs)
     return outputs, inputs, z
 
   def _a(self, layer, inputs):
@@ -256,10 +262,11 @@ class _KernelBiasSampler(Sampler):
     if "bias" in masks:
       results["bias"] = materialized_engine(
           tf.reduce_sum(d, axis=1), masks["bias"])
-    return _combine(results)
+    return combine(results)
 
 
-def _combine(results: Dict[str, LayerResult]) -> LayerResult:
+def combine(results: Dict[str, LayerResult]) -> LayerResult:
+  """One layer's result from its variables' results (norms add up)."""
   sq = tf.add_n([r[0] for r in results.values()])
 
   def sum_fn(coef):
@@ -278,12 +285,16 @@ def _conv_support(layer) -> Optional[str]:
 
 class DenseSampler(_KernelBiasSampler):
 
+  name = "dense: einsum / ghost norms"
+
   def _a(self, layer, inputs):
     return _flatten_positions(tf.cast(inputs, layer.kernel.dtype)), None
 
 
 class Conv2DSampler(_KernelBiasSampler):
   """Conv2D via image patches: `g_i = patches_i^T delta_i`."""
+
+  name = "conv2d: patches / ghost norms"
 
   def supports(self, layer):
     return _conv_support(layer)
@@ -388,6 +399,8 @@ def _conv2d_per_example_kernels(layer, inputs, delta):
 class Conv1DSampler(_KernelBiasSampler):
   """Conv1D as a height-1 Conv2D."""
 
+  name = "conv1d: patches / ghost norms"
+
   def supports(self, layer):
     return _conv_support(layer)
 
@@ -407,6 +420,8 @@ class Conv1DSampler(_KernelBiasSampler):
 class DepthwiseConv2DSampler(Sampler):
   """DepthwiseConv2D: `g_i[k, c, m] = sum_t P_i[t, k, c] delta_i[t, c, m]`."""
 
+  name = "depthwise conv: patches einsum"
+
   def roles(self, layer):
     out = {"depthwise_kernel": layer.depthwise_kernel}
     if layer.use_bias and layer.bias is not None:
@@ -416,8 +431,8 @@ class DepthwiseConv2DSampler(Sampler):
   def supports(self, layer):
     return _conv_support(layer)
 
-  def forward(self, layer, inputs, **kwargs):
-    outputs, z = _without_activation(layer, inputs, **kwargs)
+  def forward(self, layer, inputs, *args, **kwargs):
+    outputs, z = _without_activation(layer, inputs, *args, **kwargs)
     return outputs, inputs, z
 
   def per_example(self, layer, captures, masks):
@@ -445,7 +460,7 @@ class DepthwiseConv2DSampler(Sampler):
       results["bias"] = materialized_engine(
           tf.reshape(tf.reduce_sum(d, axis=1), [-1, cin * mult]),
           masks["bias"])
-    return _combine(results)
+    return combine(results)
 
 
 class EmbeddingSampler(Sampler):
@@ -455,11 +470,13 @@ class EmbeddingSampler(Sampler):
   positions that share a token, so repeated tokens are counted exactly.
   """
 
+  name = "embedding: token-sharing norms"
+
   def roles(self, layer):
     return {"embeddings": layer.embeddings}
 
-  def forward(self, layer, inputs, **kwargs):
-    z = layer.call(inputs, **kwargs)
+  def forward(self, layer, inputs, *args, **kwargs):
+    z = layer.call(inputs, *args, **kwargs)
     return z, inputs, z
 
   def per_example(self, layer, captures, masks):
@@ -496,6 +513,8 @@ class AffineNormSampler(Sampler):
   non-parameter axes.
   """
 
+  name = "normalization: affine einsum"
+
   def roles(self, layer):
     out = {}
     if getattr(layer, "scale", False) and layer.gamma is not None:
@@ -509,7 +528,7 @@ class AffineNormSampler(Sampler):
     axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
     return sorted(a % rank for a in axes)
 
-  def forward(self, layer, inputs, **kwargs):
+  def forward(self, layer, inputs, *args, **kwargs):
     saved = {k: layer.__dict__[k] for k in ("gamma", "beta", "scale", "center")
              if k in layer.__dict__}
     for k in ("gamma", "beta"):
@@ -517,7 +536,7 @@ class AffineNormSampler(Sampler):
     for k in ("scale", "center"):
       object.__setattr__(layer, k, False)
     try:
-      x_hat = layer.call(inputs, **kwargs)
+      x_hat = layer.call(inputs, *args, **kwargs)
     finally:
       for k, v in saved.items():
         object.__setattr__(layer, k, v)
@@ -550,7 +569,7 @@ class AffineNormSampler(Sampler):
       results["gamma"] = materialized_engine(tf.add_n(g_gamma), masks["gamma"])
     if g_beta:
       results["beta"] = materialized_engine(tf.add_n(g_beta), masks["beta"])
-    return _combine(results)
+    return combine(results)
 
 
 _SAMPLERS: List[Tuple[type, Sampler]] = []

@@ -15,12 +15,15 @@ selection); the updated set is their product.
 """
 
 import inspect
-import weakref
 from typing import Dict, Optional, Sequence
+import weakref
+
+from absl import logging
 
 from tfdpprune import config as config_lib
 from tfdpprune import masks
 from tfdpprune import per_example
+from tfdpprune import per_example_generic
 from tfdpprune import validation
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -67,11 +70,15 @@ def _current_graph():
 
 @keras.saving.register_keras_serializable(package="tfdpprune")
 class PruneWrapper(keras.layers.Wrapper):
-  """Wraps a supported layer for DP per-example gradients and masks.
+  """Wraps a layer with weights for DP per-example gradients and masks.
 
   Args:
-    layer: a Dense, Conv1D, Conv2D, DepthwiseConv2D, Embedding,
-      LayerNormalization or GroupNormalization layer.
+    layer: any layer with trainable weights. Layers with a dedicated sampler
+      (`per_example.register_sampler`; Dense, Conv1D/2D, DepthwiseConv2D,
+      Embedding, Layer/GroupNormalization, EinsumDense, MultiHeadAttention,
+      LSTM/GRU/SimpleRNN and Bidirectional of them, ...) use it; any other
+      layer gets the generic per-layer sampler (a vectorized per-example VJP
+      of the layer alone).
     freeze_roles: roles of the variables (e.g. "kernel") that get a freeze
       mask; masks start all ones (everything updated).
     select_roles: roles that get a select mask (re-drawn during training).
@@ -85,10 +92,11 @@ class PruneWrapper(keras.layers.Wrapper):
   def __init__(self, layer, freeze_roles: Sequence[str] = (),
                select_roles: Sequence[str] = (), mask_structure="weight",
                select_config=None, **kwargs):
-    if per_example.sampler_for(layer) is None:
+    sampler = choose_sampler(layer)
+    if sampler is None:
       raise ValueError(
-          f"PruneWrapper does not support {type(layer).__name__} layers "
-          f"(layer {layer.name!r}); supported: {supported_layer_names()}.")
+          f"PruneWrapper: layer {layer.name!r} ({type(layer).__name__}) has "
+          "no trainable weights, so there is nothing to wrap")
     if mask_structure not in _STRUCTURES:
       raise ValueError(f"mask_structure={mask_structure!r} must be one of "
                        f"{sorted(_STRUCTURES)}")
@@ -97,7 +105,8 @@ class PruneWrapper(keras.layers.Wrapper):
     self.freeze_roles = tuple(freeze_roles)
     self.select_roles = tuple(select_roles)
     self.mask_structure = mask_structure
-    self.sampler = per_example.sampler_for(layer)
+    self.sampler = sampler
+    self.supports_masking = getattr(layer, "supports_masking", False)
     self.freeze_masks: Dict[str, tf.Variable] = {}
     self.select_masks: Dict[str, tf.Variable] = {}
     object.__setattr__(self, "_captures", _CaptureBuffer())
@@ -129,7 +138,7 @@ class PruneWrapper(keras.layers.Wrapper):
     var = self.roles()[role]
     store = self.freeze_masks if kind == "freeze" else self.select_masks
     store[role] = self.add_weight(
-        name=f"{role}_{kind}_mask", shape=var.shape, dtype=var.dtype,
+        name=f"{role.replace('/', '__')}_{kind}_mask", shape=var.shape, dtype=var.dtype,
         initializer="ones", trainable=False,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
@@ -168,12 +177,17 @@ class PruneWrapper(keras.layers.Wrapper):
     return None
 
   @tf.autograph.experimental.do_not_convert
-  def call(self, inputs, **kwargs):
+  def call(self, inputs, *args, **kwargs):
     accepted = self._call_args
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    outputs, a, z = self.sampler.forward(self.layer, inputs, **kwargs)
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(self.layer.call).parameters.values()):
+      kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    outputs, a, z = self.sampler.forward(self.layer, inputs, *args, **kwargs)
     self._captures.add(per_example.Capture(_current_graph(), a, z))
     return outputs
+
+  def compute_mask(self, inputs, mask=None):
+    return self.layer.compute_mask(inputs, mask)
 
   def captures(self, graph):
     """The calls recorded in `graph` (None: eager)."""
@@ -224,12 +238,45 @@ _STRUCTURES = {"weight": per_example.WEIGHT, "neuron": per_example.OUT,
 
 
 def supported_layer_names():
+  """Layer classes with a dedicated (fast) sampler."""
   return sorted(cls.__name__ for cls in per_example.supported_layer_classes())
 
 
+def choose_sampler(layer):
+  """The layer's dedicated sampler if it supports the layer's configuration,
+  else the generic per-layer sampler; None for layers without weights."""
+  sampler = per_example.sampler_for(layer)
+  if sampler is not None and sampler.supports(layer) is None:
+    return sampler
+  if not layer.trainable_weights:
+    return None
+  return per_example_generic.GENERIC
+
+
+def report(model):
+  """`[(layer name, layer class, sampler)]` of the wrapped layers of `model`
+  (nested models included), and of layers with weights left unwrapped
+  (sampler "NOT WRAPPED: ...")."""
+  out = []
+  for layer in model.layers:
+    if isinstance(layer, PruneWrapper):
+      out.append((layer.layer.name, type(layer.layer).__name__,
+                  layer.sampler.name))
+    elif isinstance(layer, keras.Model) and _is_graph_model(layer):
+      out.extend(report(layer))
+    elif layer.trainable_weights:
+      out.append((layer.name, type(layer).__name__,
+                  "NOT WRAPPED: the optimizer's whole-model jacobian fallback"))
+  return out
+
+
+def _is_graph_model(model) -> bool:
+  return (isinstance(model, keras.Sequential) or
+          getattr(model, "_is_graph_network", False))
+
+
 def _wrap_model(model, wrap_fn):
-  if not (isinstance(model, keras.Sequential) or
-          getattr(model, "_is_graph_network", False)):
+  if not _is_graph_model(model):
     raise ValueError(
         "tdp.prune supports Sequential and functional Keras models; got a "
         f"subclassed {type(model).__name__}. The DP optimizer still works on "
@@ -239,7 +286,12 @@ def _wrap_model(model, wrap_fn):
 
 
 def wrap(model, make_wrapper=None):
-  """Wraps every supported layer of `model`; other layers are reused as is.
+  """Wraps every layer with trainable weights; other layers are reused as is.
+
+  Layers with a dedicated sampler use it; the others get the generic
+  per-layer sampler. Nested Sequential / functional models are wrapped
+  layer by layer. What was wrapped with which sampler is logged (and given by
+  `report(model)`).
 
   Args:
     model: a built Sequential or functional `tf_keras` model.
@@ -253,28 +305,56 @@ def wrap(model, make_wrapper=None):
   def clone(layer):
     if isinstance(layer, PruneWrapper):
       return layer
-    sampler = per_example.sampler_for(layer)
-    if sampler is None or sampler.supports(layer) is not None:
+    if isinstance(layer, keras.Model) and _is_graph_model(layer):
+      return _wrap_model(layer, clone)
+    if choose_sampler(layer) is None:
       return layer
     return make_wrapper(layer)
 
-  return _wrap_model(model, clone)
+  wrapped = _wrap_model(model, clone)
+  _log_report(wrapped)
+  return wrapped
+
+
+def _log_report(model):
+  rows = report(model)
+  if rows:
+    logging.info("tdp.prune: %d layers with weights:\n%s", len(rows),
+                 "\n".join(f"  {n} ({c}): {s}" for n, c, s in rows))
+  slow = [f"{n} ({c})" for n, c, s in rows if s.startswith("generic")]
+  if slow:
+    logging.info(
+        "tdp.prune: %s use the generic per-layer sampler (O(B) but slower "
+        "than a dedicated one); to speed them up, freeze them "
+        "(PruneConfig(granularity='layer', layers=...) or layer.trainable = "
+        "False) or register a dedicated sampler.", ", ".join(slow))
 
 
 def strip(model):
   """A plain Keras model: wrappers removed, same layers and final weights.
 
   Masks gate updates, not the forward pass, so predictions are identical;
-  the result is ready for `model.save` or SavedModel export.
+  the result is ready for `model.save` or SavedModel export. Nested models
+  are stripped too.
   """
   def unwrap(layer):
-    return layer.layer if isinstance(layer, PruneWrapper) else layer
+    if isinstance(layer, PruneWrapper):
+      return layer.layer
+    if isinstance(layer, keras.Model) and _is_graph_model(layer):
+      return keras.models.clone_model(layer, clone_function=unwrap)
+    return layer
   return keras.models.clone_model(model, clone_function=unwrap)
 
 
 def wrappers(model):
-  """The `PruneWrapper` layers of `model`, in order."""
-  return [l for l in model.layers if isinstance(l, PruneWrapper)]
+  """The `PruneWrapper` layers of `model` (and of nested models), in order."""
+  out = []
+  for layer in model.layers:
+    if isinstance(layer, PruneWrapper):
+      out.append(layer)
+    elif isinstance(layer, keras.Model):
+      out.extend(wrappers(layer))
+  return out
 
 
 def prune(model, config=None, *, public_data=None):
