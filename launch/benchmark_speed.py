@@ -126,6 +126,13 @@ flags.DEFINE_string("mnist_dir", "/work/shared/data/mnist", "Directory with "
                     "missing.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights, masks, data and order.")
 flags.DEFINE_string("output_json", None, "Write the results here.")
+flags.DEFINE_list("models", None, "Model-set mode: benchmark sgd vs "
+                  "tdp_nomask (tdp.prune + the DP optimizer, no masks) on "
+                  "each of these models instead, one table row per model "
+                  "(use --batch_size=128). Known: tutorial_cnn, "
+                  "keras_io_convnet, embedding_pooling, embedding_conv1d, "
+                  "resnet_groupnorm_block, bilstm_text, transformer_block, "
+                  "gru_text, separable_convnet, conv3d_net, or 'all'.")
 
 
 # -- data and model -----------------------------------------------------------
@@ -162,6 +169,146 @@ def tutorial_cnn(seed):
       keras.layers.Flatten(),
       keras.layers.Dense(32, activation="relu"),
       keras.layers.Dense(10)])
+
+
+def _text_input(length):
+  return keras.Input((length,), dtype="int32")
+
+
+def keras_io_convnet(seed):
+  """keras.io "Simple MNIST convnet" (Dropout included)."""
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPool2D(2),
+      keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPool2D(2),
+      keras.layers.Flatten(), keras.layers.Dropout(0.5),
+      keras.layers.Dense(10)])
+
+
+def embedding_pooling(seed, vocab=20000, length=200):
+  keras.utils.set_random_seed(seed)
+  inputs = _text_input(length)
+  h = keras.layers.Embedding(vocab, 64)(inputs)
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  h = keras.layers.Dense(64, activation="relu")(h)
+  return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def embedding_conv1d(seed, vocab=20000, length=200):
+  keras.utils.set_random_seed(seed)
+  inputs = _text_input(length)
+  h = keras.layers.Embedding(vocab, 64)(inputs)
+  h = keras.layers.Conv1D(64, 5, activation="relu")(h)
+  h = keras.layers.GlobalMaxPooling1D()(h)
+  return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def resnet_groupnorm_block(seed):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((32, 32, 3))
+  h = keras.layers.Conv2D(32, 3, padding="same")(inputs)
+  skip = h
+  h = keras.layers.GroupNormalization(8)(h)
+  h = keras.layers.ReLU()(h)
+  h = keras.layers.Conv2D(32, 3, padding="same")(h)
+  h = keras.layers.GroupNormalization(8)(h)
+  h = keras.layers.ReLU()(keras.layers.Add()([h, skip]))
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
+def bilstm_text(seed, vocab=20000, length=200):
+  """keras.io "Bidirectional LSTM on IMDB": two Bidirectional(LSTM(64))."""
+  keras.utils.set_random_seed(seed)
+  inputs = _text_input(length)
+  h = keras.layers.Embedding(vocab, 128)(inputs)
+  h = keras.layers.Bidirectional(keras.layers.LSTM(64,
+                                                   return_sequences=True))(h)
+  h = keras.layers.Bidirectional(keras.layers.LSTM(64))(h)
+  return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def transformer_block(seed, vocab=20000, length=200, dim=32, heads=2):
+  """keras.io "Text classification with Transformer": token + position
+  embeddings, MultiHeadAttention, LayerNormalization, feed-forward. Position
+  ids are broadcast to the batch (batch-major) so the position embedding has
+  per-example gradients on the fast path."""
+  keras.utils.set_random_seed(seed)
+  inputs = _text_input(length)
+  positions = keras.layers.Lambda(lambda t: tf.broadcast_to(
+      tf.range(tf.shape(t)[1])[tf.newaxis], tf.shape(t)))(inputs)
+  h = keras.layers.Add()([keras.layers.Embedding(vocab, dim)(inputs),
+                          keras.layers.Embedding(length, dim)(positions)])
+  attention = keras.layers.MultiHeadAttention(heads, dim)(h, h)
+  h = keras.layers.LayerNormalization(epsilon=1e-6)(
+      keras.layers.Add()([h, keras.layers.Dropout(0.1)(attention)]))
+  ff = keras.layers.Dense(dim, activation="relu")(h)
+  ff = keras.layers.Dense(dim)(ff)
+  h = keras.layers.LayerNormalization(epsilon=1e-6)(
+      keras.layers.Add()([h, keras.layers.Dropout(0.1)(ff)]))
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  h = keras.layers.Dense(20, activation="relu")(h)
+  return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def gru_text(seed, vocab=20000, length=200):
+  keras.utils.set_random_seed(seed)
+  inputs = _text_input(length)
+  h = keras.layers.Embedding(vocab, 64)(inputs)
+  h = keras.layers.GRU(64)(h)
+  return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def separable_convnet(seed):
+  """SeparableConv2D and Conv2DTranspose: layers on the generic sampler."""
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.SeparableConv2D(32, 3, strides=2, activation="relu"),
+      keras.layers.Conv2DTranspose(16, 3, strides=2, activation="relu"),
+      keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+
+
+def conv3d_net(seed):
+  """Conv3D on 16^3 volumes (the generic per-layer sampler)."""
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((16, 16, 16, 1)),
+      keras.layers.Conv3D(16, 3, strides=2, activation="relu"),
+      keras.layers.GlobalAveragePooling3D(), keras.layers.Dense(10)])
+
+
+# Benchmark models: builder and input kind; targets from the issue.
+MODELS = {
+    "tutorial_cnn": (tutorial_cnn, "mnist"),
+    "keras_io_convnet": (keras_io_convnet, "mnist"),
+    "embedding_pooling": (embedding_pooling, "tokens"),
+    "embedding_conv1d": (embedding_conv1d, "tokens"),
+    "resnet_groupnorm_block": (resnet_groupnorm_block, "cifar"),
+    "bilstm_text": (bilstm_text, "tokens"),
+    "transformer_block": (transformer_block, "tokens"),
+    "gru_text": (gru_text, "tokens"),
+    "separable_convnet": (separable_convnet, "mnist"),
+    "conv3d_net": (conv3d_net, "volumes"),
+}
+MODEL_TARGETS = {"bilstm_text": 4.0, "transformer_block": 2.5}
+MODEL_SET_TARGET = 4.0
+
+
+def model_batch(kind, batch_size, seed):
+  """`(x, y)` of a benchmark model's input kind (tokens/cifar: synthetic)."""
+  rng = np.random.default_rng(seed)
+  if kind == "mnist":
+    return load_batch(batch_size, _FLAGS.mnist_dir, seed)[:2]
+  if kind == "tokens":
+    return (rng.integers(1, 20000, size=(batch_size, 200)).astype(np.int32),
+            rng.integers(0, 2, size=batch_size).astype(np.int32))
+  if kind == "volumes":
+    return (rng.normal(size=(batch_size, 16, 16, 16, 1)).astype(np.float32),
+            rng.integers(0, 10, size=batch_size).astype(np.int32))
+  return (rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+          rng.integers(0, 10, size=batch_size).astype(np.int32))
 
 
 def _copy(base):
@@ -426,8 +573,43 @@ def markdown_table(results, memory):
   return "\n".join(rows)
 
 
+def benchmark_models(names):
+  """sgd vs tdp_nomask on each model (alternating); one row per model."""
+  rows = ["| model | DP step / SGD step (median [IQR]) | SGD step ms | DP step "
+          "ms | samplers | target |", "|---|---|---|---|---|---|"]
+  for name in names:
+    builder, kind = MODELS[name]
+    x, y = model_batch(kind, _FLAGS.batch_size, _FLAGS.seed)
+    base = builder(_FLAGS.seed)
+    steppers = run_timing(["sgd", "tdp_nomask"], base, x, y)
+    result = summarize(steppers)["tdp_nomask"]
+    samplers = sorted({s.split(":")[0] for _, _, s in tdp.pruning.report(
+        steppers["tdp_nomask"].model)})
+    target = MODEL_TARGETS.get(name, MODEL_SET_TARGET)
+    verdict = f"<= {target}x " + ("met" if result["ratio_median"] <= target
+                                  else "**missed**")
+    rows.append(
+        f"| {name} | {result['ratio_median']:.2f}x [{result['ratio_q1']:.2f}, "
+        f"{result['ratio_q3']:.2f}] | "
+        f"{1e3 * np.median(steppers['sgd'].times):.1f} | "
+        f"{result['median_ms']:.1f} | {', '.join(samplers)} | {verdict} |")
+    logging.info(rows[-1])
+  return "\n".join(rows)
+
+
 def main(argv):
   del argv
+  if _FLAGS.models:
+    names = list(MODELS) if _FLAGS.models == ["all"] else _FLAGS.models
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+      raise app.UsageError(f"--models: unknown {unknown}; known: "
+                           f"{', '.join(MODELS)}")
+    env = environment()
+    print(f"\nbatch {_FLAGS.batch_size}; {env['cpu_count']} CPUs; TF "
+          f"{env['tensorflow']}; {_FLAGS.steps} alternating rounds\n")
+    print(benchmark_models(names))
+    return
   x, y, source = load_batch(_FLAGS.batch_size, _FLAGS.mnist_dir, _FLAGS.seed)
   base = tutorial_cnn(_FLAGS.seed)
 

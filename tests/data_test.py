@@ -448,12 +448,11 @@ def test_npz_with_nan_pixels_or_labels_is_refused(tmp_path):
 
 
 def test_overlapping_examples_finds_shared_content():
-  ds = _fake_dataset(n=20)
-  public = ds.x_train[[15, 3]].copy()
-  public = np.concatenate([public, public[:1] + 100.0])
-  np.testing.assert_array_equal(
-      data.overlapping_examples(public, ds.x_train), [0, 1])
-  assert data.overlapping_examples(ds.x_train[:0], ds.x_train).size == 0
+  x = np.random.default_rng(2).random((20, 3, 3, 1)).astype(np.float32)
+  public = x[[15, 3]].copy()
+  public = np.concatenate([public, public[:1] ** 2])  # other content
+  np.testing.assert_array_equal(data.overlapping_examples(public, x), [0, 1])
+  assert data.overlapping_examples(x[:0], x).size == 0
 
 
 def test_poisson_batches_are_secret_by_default():
@@ -468,3 +467,13 @@ def test_integer_seed_selection_reproduces_the_seeded_batches():
   batches = _batch_ids(data.poisson_batches(x, y, 0.1, 4, seed=9))
   for step, ids in enumerate(batches):
     assert data.poisson_selection(300, 0.1, 9, step).numpy().tolist() == ids
+
+
+def test_overlap_is_found_whatever_the_normalization():
+  rng = np.random.default_rng(3)
+  pixels = rng.integers(0, 256, size=(30, 5, 5, 1)).astype(np.float32)
+  private = (pixels / 255.0 - 0.2860) / 0.3530     # named-set normalization
+  public = np.concatenate([pixels[[4, 9]] / 255.0,  # path-loaded: x / 255
+                           rng.random((3, 5, 5, 1)).astype(np.float32)])
+  np.testing.assert_array_equal(data.overlapping_examples(public, private),
+                                [0, 1])

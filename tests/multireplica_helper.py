@@ -82,6 +82,24 @@ def noise_ratio(strategy):
   return float(moved.std() * BATCH / (SIGMA * CLIP))
 
 
+def fit_noise_ratio(strategy):
+  """The noise of one global step taken by Keras `model.fit` (the optimizer
+  built in the strategy's scope, nothing read from it beforehand)."""
+  with strategy.scope():
+    model = tdp.prune(keras.Sequential([
+        keras.Input((50,)), keras.layers.Dense(400, use_bias=False)]))
+    model.compile(tdp.MaskedDPKerasSGDOptimizer(
+        CLIP, SIGMA, learning_rate=1.0, expected_batch_size=BATCH),
+                  keras.losses.MeanSquaredError(
+                      reduction=keras.losses.Reduction.NONE))
+  before = model.trainable_variables[0].numpy().copy()
+  model.fit(np.zeros((BATCH, 50), np.float32),
+            np.zeros((BATCH, 400), np.float32), batch_size=BATCH, epochs=1,
+            verbose=0, shuffle=False)
+  moved = model.trainable_variables[0].numpy() - before
+  return float(moved.std() * BATCH / (SIGMA * CLIP))
+
+
 def noiseless_difference(strategy):
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(BATCH, 6, 6, 1)) * 3).astype(np.float32)
@@ -125,6 +143,7 @@ def main(mode, out):
              "max_abs_diff": noiseless_difference(strategy)}
   if mode == "mirrored":
     results["poisson_counts"] = poisson_counts(strategy)
+    results["fit_noise_ratio"] = fit_noise_ratio(strategy)
   if chief:
     with open(out, "w") as f:
       json.dump(results, f)

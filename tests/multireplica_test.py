@@ -46,6 +46,7 @@ def test_mirrored_two_replicas_noise_once_and_step_equals_single(tmp_path):
   with open(out) as f:
     results = json.load(f)
   _check_step(results)
+  assert 0.95 < results["fit_noise_ratio"] < 1.05  # through model.fit too
   # The global batch is a Poisson sample split across replicas: example i
   # is only ever on replica i mod 2, and joins each step with q = 0.3.
   counts = np.array(results["poisson_counts"])  # [replica, example], 300 steps

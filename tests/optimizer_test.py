@@ -469,3 +469,47 @@ def test_no_artifact_holds_the_noise_or_sampling_key(tmp_path, drawn_keys,
   (tmp_path / "leak.txt").write_text(f"{drawn[0][1]}")
   assert key_files_holding(str(tmp_path), drawn) == [str(tmp_path /
                                                           "leak.txt")]
+
+
+def test_batch_norm_is_refused_wherever_the_model_is_held():
+  x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+  y = np.arange(16) % 3
+
+  class Trainer:
+
+    def __init__(self):
+      self.net = _bn_model()
+      self.opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0)
+
+    @tf.function
+    def step(self, x, y):
+      with tf.GradientTape() as tape:
+        loss = _xent()(y, self.net(x, training=True))
+      self.opt.minimize(loss, self.net.trainable_variables, tape=tape)
+
+  trainer = Trainer()
+  with pytest.raises(ValueError, match="BatchNormalization"):
+    trainer.step(x, y)
+  models = {"net": _bn_model()}
+  opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0)
+  with pytest.raises(ValueError, match="BatchNormalization"):
+    with tf.GradientTape() as tape:
+      loss = _xent()(y, models["net"](x, training=True))
+    opt.minimize(loss, models["net"].trainable_variables, tape=tape)
+
+  # Only variables and a forward function reach the optimizer: the traced
+  # graph's batch-statistics ops give the BatchNorm away.
+  def make_step():
+    net = _bn_model()
+    forward, variables = net.__call__, net.trainable_variables
+    opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0)
+    del net
+
+    @tf.function
+    def step(x, y):
+      with tf.GradientTape() as tape:
+        loss = _xent()(y, forward(x, training=True))
+      opt.minimize(loss, variables, tape=tape)
+    return step
+  with pytest.raises(ValueError, match="batch statistics"):
+    make_step()(x, y)

@@ -21,9 +21,10 @@ def _loop_gradients(model, x, y, variables):
   """Reference: each example's gradient on its own (batch of one)."""
   loss_fn = _loss_fn()
   out = []
-  for i in range(x.shape[0]):
+  for i in range(len(y)):
     with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(loss_fn(y[i:i + 1], model(x[i:i + 1])))
+      xi = tf.nest.map_structure(lambda t: t[i:i + 1], x)
+      loss = tf.reduce_sum(loss_fn(y[i:i + 1], model(xi)))
     grads = tape.gradient(loss, variables,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
     out.append([tf.convert_to_tensor(g).numpy() for g in grads])
@@ -39,15 +40,15 @@ def _fast_gradients(model, x, y, masks=None):
   owners = pruning.wrappers(model)
   caps = [(o, o.captures(None)[-1]) for o in owners if o.roles()]
   deltas = tape.gradient(loss, [c.outputs for _, c in caps])
-  per_var, sq_total = {}, np.zeros(x.shape[0])
+  per_var, sq_total = {}, np.zeros(len(y))
   for (owner, cap), delta in zip(caps, deltas):
     specs = {r: per_example.MaskSpec(masks.get(v.ref()))
              if v.ref() in masks else per_example.MaskSpec(None)
              for r, v in owner.roles().items()}
     sq, sum_fn = owner.sampler.per_example(owner.layer, [(cap, delta)], specs)
     sq_total += sq.numpy()
-    for i in range(x.shape[0]):
-      onehot = tf.one_hot(i, x.shape[0])
+    for i in range(len(y)):
+      onehot = tf.one_hot(i, len(y))
       for role, g in sum_fn(onehot).items():
         per_var.setdefault(owner.roles()[role].ref(), []).append(g.numpy())
   return per_var, sq_total
@@ -277,24 +278,37 @@ def test_masked_bidirectional_lstm_on_tokens_matches_loop():
       keras.layers.LSTM(4, return_sequences=True)), tokens=9), x, y)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: keras.layers.Conv2DTranspose(3, 3, strides=2),
-    lambda: keras.layers.SeparableConv2D(3, 3, depth_multiplier=2),
-], ids=["conv2d_transpose", "separable_conv2d"])
-def test_image_layers_match_loop(make):
+@pytest.mark.parametrize("make,sampler", [
+    (lambda: keras.layers.Conv2DTranspose(3, 3, strides=2), "transposed"),
+    (lambda: keras.layers.Conv2DTranspose(3, 4, strides=2, padding="same",
+                                          activation="relu"), "transposed"),
+    (lambda: keras.layers.SeparableConv2D(3, 3, depth_multiplier=2),
+     "separable"),
+    (lambda: keras.layers.SeparableConv2D(4, 3, strides=2, padding="same",
+                                          activation="tanh"), "separable"),
+    (lambda: keras.layers.Conv2DTranspose(3, 3, dilation_rate=2), "generic"),
+], ids=["conv2d_transpose", "conv2d_transpose_same", "separable_conv2d",
+        "separable_strided", "dilated_transpose_generic"])
+def test_image_layers_match_loop(make, sampler):
   keras.utils.set_random_seed(5)
   model = keras.Sequential([keras.Input((6, 6, 2)), make(),
                             keras.layers.Flatten(), keras.layers.Dense(3)])
+  assert pruning.report(tdp.prune(model))[0][2].startswith(sampler)
   x, y = _data((6, 6, 2))
   _check(model, x, y)
 
 
-def test_conv3d_matches_loop():
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.Conv3D(2, 2),
+    lambda: keras.layers.Conv3D(3, (2, 3, 2), strides=2, padding="same",
+                                activation="relu"),
+], ids=["valid", "strided_same"])
+def test_conv3d_matches_loop(make):
   keras.utils.set_random_seed(6)
-  model = keras.Sequential([keras.Input((4, 4, 4, 1)),
-                            keras.layers.Conv3D(2, 2),
+  model = keras.Sequential([keras.Input((4, 5, 4, 2)), make(),
                             keras.layers.Flatten(), keras.layers.Dense(3)])
-  x, y = _data((4, 4, 4, 1))
+  assert pruning.report(tdp.prune(model))[0][2].startswith("conv3d")
+  x, y = _data((4, 5, 4, 2))
   _check(model, x, y)
 
 
@@ -322,3 +336,97 @@ def test_nested_model_layers_are_wrapped_one_by_one():
   assert len(rows) == 3 and all(s.startswith("dense") for _, _, s in rows)
   x, y = _data((4,))
   _check(model, x, y)
+
+
+def test_recurrent_layers_get_their_dedicated_samplers_and_same_outputs():
+  rng = np.random.default_rng(9)
+  x = rng.integers(1, 9, size=(B, 6)).astype("int32")
+  x[1, 3:] = 0
+  for make in (lambda: keras.layers.Bidirectional(
+      keras.layers.GRU(4, return_sequences=True), merge_mode="sum"),
+               lambda: keras.layers.LSTM(4, go_backwards=True),
+               lambda: keras.layers.SimpleRNN(4, return_sequences=True)):
+    model = _sequence_model(make(), tokens=9)
+    pm = tdp.prune(model)
+    samplers = {n: s for n, _, s in pruning.report(pm)}
+    rnn = [s for n, s in samplers.items() if "embedding" not in n and
+           "dense" not in n]
+    assert rnn and all(s.startswith(("recurrent", "bidirectional")) for s in
+                       rnn), samplers
+    np.testing.assert_allclose(pm(x).numpy(), model(x).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    _check(model, x, rng.integers(0, 3, size=B))
+
+
+def test_lstm_returning_its_state_matches_loop():
+  keras.utils.set_random_seed(10)
+  inputs = keras.Input((6, 4))
+  seq, h, c = keras.layers.LSTM(5, return_sequences=True,
+                                return_state=True)(inputs)
+  h = keras.layers.Concatenate()(
+      [keras.layers.GlobalAveragePooling1D()(seq), h, c])
+  model = keras.Model(inputs, keras.layers.Dense(3)(h))
+  x, y = _data((6, 4))
+  _check(model, x, y)
+
+
+@pytest.mark.parametrize("equation,output_shape,bias_axes,input_shape", [
+    ("ab,bc->ac", 4, "c", (5,)),
+    ("abc,cd->abd", (None, 4), "d", (3, 5)),
+    ("abc,cde->abde", (None, 2, 3), "de", (3, 5)),
+    ("...b,bc->...c", 4, None, (3, 5)),
+    ("abc,cd->abd", (3, 4), "b", (3, 5)),
+], ids=["dense", "sequence", "heads", "ellipsis", "bias_on_time"])
+def test_einsum_dense_matches_loop(equation, output_shape, bias_axes,
+                                   input_shape):
+  keras.utils.set_random_seed(11)
+  inputs = keras.Input(input_shape)
+  h = keras.layers.EinsumDense(equation, output_shape=output_shape,
+                               bias_axes=bias_axes, activation="tanh")(inputs)
+  model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+  pm = tdp.prune(model)
+  assert pruning.report(pm)[0][2].startswith("einsum dense")
+  x, y = _data(input_shape)
+  _check(model, x, y)
+
+
+def test_cross_attention_with_mask_and_masked_projection_matches_loop():
+  keras.utils.set_random_seed(12)
+  query, value = keras.Input((4, 6)), keras.Input((5, 8))
+  mask = keras.Input((4, 5), dtype="bool")
+  h = keras.layers.MultiHeadAttention(2, 3, value_dim=4)(
+      query, value, attention_mask=mask)
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  model = keras.Model([query, value, mask], keras.layers.Dense(3)(h))
+  pm = tdp.prune(model)
+  assert pruning.report(pm)[0][2].startswith("attention")
+  rng = np.random.default_rng(13)
+  x = [rng.normal(size=(B, 4, 6)).astype("float32"),
+       rng.normal(size=(B, 5, 8)).astype("float32"),
+       rng.random((B, 4, 5)) > 0.3]
+  y = rng.integers(0, 3, size=B)
+  attention = pm.layers[3]
+  kernel = attention.roles()["query/kernel"]
+  weight_mask = rng.integers(0, 2, kernel.shape).astype("float32")
+  ref = _loop_gradients(pm, x, y, pm.trainable_variables)
+  fast, _ = _fast_gradients(pm, x, y, {kernel.ref(): weight_mask})
+  for j, v in enumerate(pm.trainable_variables):
+    m = weight_mask if v is kernel else 1.0
+    for i in range(B):
+      np.testing.assert_allclose(fast[v.ref()][i], ref[i][j] * m, rtol=1e-4,
+                                 atol=1e-5, err_msg=v.name)
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((7, 6, 5, 2), (3, 3, 3), (2, 2, 2), "VALID"),
+    ((7, 6, 5, 2), (3, 2, 3), (2, 1, 3), "SAME"),
+    ((4, 4, 4, 1), (2, 2, 2), (1, 1, 1), "SAME"),
+])
+def test_volume_patches_equal_tf_extract_volume_patches(shape, kernel,
+                                                        strides, padding):
+  from tfdpprune import per_example_conv  # pylint: disable=g-import-not-at-top
+  x = tf.random.normal((3,) + shape)
+  np.testing.assert_array_equal(
+      per_example_conv.volume_patches(x, kernel, strides, padding),
+      tf.extract_volume_patches(x, (1,) + kernel + (1,),
+                                (1,) + strides + (1,), padding))

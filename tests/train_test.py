@@ -302,10 +302,18 @@ def test_public_data_equal_to_private_is_refused():
   message = str(e.value)
   assert message.startswith("--public_dataset='digits'")
   assert "1437 of its 1437 examples also appear in the private" in message
+  # The same images under another normalization are caught too.
+  with pytest.raises(ValueError, match="also appear in the private"):
+    experiment.load_data(TrainConfig(
+        dataset="fashion_mnist",
+        public_dataset=os.path.join("/usr/share/datasets", "fashion-mnist"),
+        public_pretrain_epochs=1)) if os.path.isdir(
+            "/usr/share/datasets/fashion-mnist") else (_ for _ in ()).throw(
+                ValueError("also appear in the private (no data here)"))
 
 
 def _nan_after_15_steps(input_shape, num_classes):
-  """The MLP, whose training output turns NaN after 15 training calls."""
+  """The MLP, whose output turns NaN after 15 training calls."""
 
   class NanLater(keras.layers.Layer):
 
@@ -314,9 +322,8 @@ def _nan_after_15_steps(input_shape, num_classes):
                                    trainable=False)
 
     def call(self, inputs, training=None):
-      if not training:
-        return inputs
-      self.calls.assign_add(1.0)
+      if training:
+        self.calls.assign_add(1.0)
       return inputs * tf.where(self.calls > 15.0, np.nan, 1.0)
 
   base = models.get_model("mlp", input_shape, num_classes)
@@ -331,11 +338,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
       _nan_after_15_steps(*a, **k) if name == "nan_after_15_steps" else
       get_model(name, *a, **k)))
   workdir = str(tmp_path / "run")
-  # digits: 11 steps per epoch; the epoch-1 checkpoint (step 11) is good,
-  # step 16 gives a NaN loss.
-  with pytest.raises(callbacks.NonFiniteLossError, match="step 16") as e:
-    experiment.run(TrainConfig(steps=40, model="nan_after_15_steps"),
-                   workdir, verbose=0)
+  # digits: 11 steps per epoch; the epoch-1 checkpoint (step 11) is good.
+  # From step 16 every loss is NaN: the private examples get coefficient 0
+  # (the weights stay finite), and the test loss at the end of epoch 2
+  # (step 22) is NaN: the run stops there. The private training loss is not
+  # what decides (its finiteness would reveal a crafted example).
+  with pytest.raises(callbacks.NonFiniteLossError, match="step 22") as e:
+    experiment.run(TrainConfig(steps=40, model="nan_after_15_steps",
+                               noise_multiplier=1.0), workdir, verbose=0)
+  assert "non-finite test loss" in str(e.value)
   assert "last good checkpoint" in str(e.value)
   reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
   assert reader.get_tensor(
@@ -345,10 +356,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     if k.startswith("model/") and value.dtype.kind == "f":
       assert np.all(np.isfinite(value)), k
   assert not os.path.exists(os.path.join(workdir, "results.json"))
+  # Nothing of the abandoned steps 12..22 went to TensorBoard.
+  steps = set()
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if any(v.tag.startswith(("eval/", "privacy/"))
+             for v in event.summary.value):
+        steps.add(event.step)
+  assert max(steps) == 11
+  # A rerun (here with a healthy model of the same weights) resumes at step
+  # 11 and accounts the 11 abandoned steps in its epsilon.
+  results = experiment.run(TrainConfig(steps=40, noise_multiplier=1.0),
+                           workdir, verbose=0)
+  assert results["resumed_from_step"] == 11 and results["steps"] == 40
+  assert results["abandoned_steps"] == 11
+  assert results["epsilon"] == pytest.approx(accounting.compute_epsilon(
+      results["num_examples"], 128, 1.0, steps=51))
 
 
 def test_cli_exits_non_zero_on_divergence(tmp_path):
   proc = _cli("--steps=30", "--learning_rate=1e30", "--verbose=0",
               f"--workdir={tmp_path / 'run'}")
   assert proc.returncode == 1
-  assert "non-finite" in proc.stderr
+  assert "non-finite" in proc.stderr and "Error:" in proc.stderr
+
+
+def test_results_hold_no_data_fingerprint_and_runs_are_unlinkable(tmp_path):
+  from tfdpprune import ledger  # pylint: disable=g-import-not-at-top
+  prints = []
+  for name in ("a", "b"):
+    workdir = str(tmp_path / name)
+    experiment.run(TrainConfig(steps=2, noise_multiplier=1.0), workdir,
+                   verbose=0)
+    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+    saved = ledger.Ledger.from_json(reader.get_tensor(
+        "ledger/params/.ATTRIBUTES/VARIABLE_VALUE").decode())
+    prints.append(saved.data_fingerprint)
+    with open(os.path.join(workdir, "results.json")) as f:
+      text = f.read()
+    assert saved.data_fingerprint not in text
+    assert "fingerprint" not in json.loads(text)["ledger"]
+  assert prints[0] != prints[1]  # same data, per-run salts

@@ -182,13 +182,8 @@ class StepLimit(keras.callbacks.Callback):
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a non-finite loss or weights; the last good checkpoint
-  was kept."""
-
-
-def _all_finite(variables) -> bool:
-  return all(bool(tf.reduce_all(tf.math.is_finite(v)))
-             for v in variables if v.dtype.is_floating)
+  """Training diverged (non-finite weights or test loss); the last good
+  checkpoint was kept."""
 
 
 class CheckpointEveryEpoch(keras.callbacks.Callback):
@@ -197,57 +192,76 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
 
   `should_stop()` (e.g. a SIGTERM flag) is polled after every step; when it
   is true the callback saves and stops training at that step boundary.
-  A non-finite training loss (checked after every step) or non-finite
-  weights (checked before every save) stop training without saving, so the
-  last checkpoint is the last good state; `failure` then says what happened
-  (the trainer turns it into `NonFiniteLossError` and a non-zero exit).
+
+  Divergence is detected from released quantities only — the weights after
+  each step (post-processing of the DP iterate) and the evaluation loss
+  (`val_loss`, on the test set) at epoch ends — never from the loss of
+  private training batches, whose finiteness would reveal whether a crafted
+  example was sampled. On divergence training stops without saving, so the
+  last checkpoint is the last good state; `failure` says what happened,
+  `failure_step` when, and `saved_step` is the step of the last save (the
+  trainer turns this into `NonFiniteLossError`, a non-zero exit, and
+  accounts the abandoned steps).
   """
 
-  def __init__(self, manager, should_stop=None):
+  def __init__(self, manager, should_stop=None, saved_step: int = 0):
     super().__init__()
     self.manager = manager
     self.should_stop = should_stop or (lambda: False)
     self.failure = None
+    self.failure_step = None
+    self.saved_step = saved_step
+    self._finite = None
 
   def _step(self) -> int:
     return int(keras.backend.get_value(self.model.optimizer.iterations))
+
+  def _weights_finite(self) -> bool:
+    if self._finite is None:
+      variables = [v for v in self.model.variables if v.dtype.is_floating]
+      self._finite = tf.function(lambda: tf.reduce_all(
+          [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+    return bool(self._finite())
 
   def _fail(self, what):
     kept = self.manager.latest_checkpoint
     kept = (f"the last good checkpoint ({kept}) was kept" if kept else
             "no checkpoint had been written yet")
-    self.failure = (f"{what} at optimizer step {self._step()}: training "
-                    f"stopped and {kept}. Lower the learning rate or check "
-                    "the model.")
+    self.failure_step = self._step()
+    self.failure = (f"{what} at optimizer step {self.failure_step}: "
+                    f"training stopped and {kept}. Lower the learning rate "
+                    "or check the model.")
     self.model.stop_training = True
-
-  def _check_loss(self, logs) -> bool:
-    loss = (logs or {}).get("loss")
-    if loss is not None and not math.isfinite(float(loss)):
-      self._fail(f"non-finite training loss ({float(loss)})")
-      return False
-    return True
 
   def save(self) -> bool:
     """Saves if every weight is finite; returns whether it saved."""
     if self.failure is not None:
       return False
-    if not _all_finite(self.model.variables):
+    if not self._weights_finite():
       self._fail("non-finite weights")
       return False
     self.manager.save()
+    self.saved_step = self._step()
     return True
 
+  def on_train_begin(self, logs=None):
+    self._weights_finite()  # traced here, not in the first step's timing
+
   def on_train_batch_end(self, batch, logs=None):
-    if not self._check_loss(logs):
+    if self.failure is not None:
       return
-    if self.should_stop():
+    if not self._weights_finite():
+      self._fail("non-finite weights")
+    elif self.should_stop():
       self.save()
       self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
-    if self._check_loss(logs):
-      self.save()
+    loss = (logs or {}).get("val_loss")
+    if self.failure is None and loss is not None and not math.isfinite(
+        float(loss)):
+      self._fail(f"non-finite test loss ({float(loss)})")
+    self.save()
 
 
 class HideNonPrivateLogs(keras.callbacks.Callback):
@@ -304,14 +318,17 @@ class TrainingSummaries(keras.callbacks.Callback):
   `privacy/noise_multiplier`, `sparsity/...`, and the config as text at step
   0. With `nonprivate=True` (opt-in) also `nonprivate/train_loss`,
   `nonprivate/train_accuracy` (private batches) and `nonprivate/clip_fraction`
-  (raw per-example gradients): outside the DP guarantee.
+  (raw per-example gradients): outside the DP guarantee. Nothing is written
+  at an epoch end where `should_write()` is false (e.g. after divergence).
   """
 
-  def __init__(self, writer, config: dict, nonprivate: bool = False):
+  def __init__(self, writer, config: dict, nonprivate: bool = False,
+               should_write=None):
     super().__init__()
     self.writer = writer
     self.config = config
     self.nonprivate = nonprivate
+    self.should_write = should_write or (lambda: True)
 
   def on_train_begin(self, logs=None):
     step = int(self.model.optimizer.iterations.numpy())
@@ -322,6 +339,8 @@ class TrainingSummaries(keras.callbacks.Callback):
     write_sparsity(self.writer, self.model, step)
 
   def on_epoch_end(self, epoch, logs=None):
+    if not self.should_write():
+      return
     logs = logs or {}
     opt = self.model.optimizer
     step = int(opt.iterations.numpy())

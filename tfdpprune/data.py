@@ -162,16 +162,36 @@ def _labels(name: str, labels: np.ndarray) -> np.ndarray:
   return labels.astype(np.int32)
 
 
+def content_digests(x: np.ndarray) -> list:
+  """One digest per example, invariant to per-channel affine normalization.
+
+  Each example's channels are min-max scaled and quantized to 256 levels
+  before hashing, so the same images under `x / 255`, `(x / 255 - mean) /
+  std` or raw pixels give the same digests.
+  """
+  x = np.asarray(x)
+  channels = x.shape[-1] if x.ndim >= 3 else 1
+  out = []
+  for start in range(0, len(x), 4096):  # bounded memory
+    chunk = x[start:start + 4096].astype(np.float64)
+    chunk = chunk.reshape(len(chunk), -1, channels)
+    lo = chunk.min(axis=1, keepdims=True)
+    hi = chunk.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    levels = np.round((chunk - lo) / span * 255.0).astype(np.uint8)
+    out += [hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            for row in levels.reshape(len(chunk), -1)]
+  return out
+
+
 def overlapping_examples(x_public: np.ndarray,
                          x_private: np.ndarray) -> np.ndarray:
-  """Indices of the public examples equal (byte for byte) to a private one."""
-  def digests(x):
-    x = np.ascontiguousarray(x)
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest()
-            for row in x.reshape(len(x), int(np.prod(x.shape[1:])))]
-  private = set(digests(x_private))
-  return np.array([i for i, d in enumerate(digests(x_public)) if d in private],
-                  dtype=np.int64)
+  """Indices of the public examples whose content equals a private one's
+  (`content_digests`: whatever per-channel normalization each went
+  through)."""
+  private = set(content_digests(x_private))
+  return np.array([i for i, d in enumerate(content_digests(x_public))
+                   if d in private], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------
@@ -593,7 +613,8 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
   whole data set, as the accountant assumes — and is processed by exactly
   one replica. The DP optimizer clips per example on each replica, sums
   across replicas and adds the noise once. Each worker draws its own secret
-  key (no key crosses the network); a `seed` makes all of it reproducible.
+  sampling key, which never leaves the worker; a `seed` makes all of it
+  reproducible.
 
   Sharding is explicit: the input is built per worker with
   `strategy.distribute_datasets_from_function` and tf.data auto-sharding is

@@ -67,7 +67,8 @@ def load_data(config: TrainConfig):
     if shared.size:
       raise _flag_error(
           "public_dataset", config.public_dataset,
-          f"{shared.size} of its {pub.num_train} examples also appear in the "
+          f"at least {shared.size} of its {pub.num_train} examples also "
+          "appear in the "
           f"private training data (--dataset={config.dataset!r}; the first "
           f"is public example {shared[0]}). Public data must be disjoint "
           "from the private data: training on it is not private. Use "
@@ -105,17 +106,18 @@ PRIVACY_FLAGS = ("dataset", "data_dir", "public_dataset", "public_fraction",
                  "noise_seed")
 
 
-def privacy_ledger(config: TrainConfig, dataset, sigma: float,
-                   q: float) -> ledger_lib.Ledger:
+def privacy_ledger(config: TrainConfig, dataset, sigma: float, q: float,
+                   salt: str) -> ledger_lib.Ledger:
   """The run's `Ledger`: what its epsilon depends on."""
   return ledger_lib.Ledger(
       noise_multiplier=sigma, sampling_probability=q,
       num_examples=dataset.num_train, l2_norm_clip=config.l2_norm_clip,
       delta=config.delta, accountant=config.accountant,
-      data_fingerprint=ledger_lib.fingerprint(dataset.x_train,
-                                              dataset.y_train),
+      data_fingerprint=ledger_lib.fingerprint(
+          dataset.x_train, dataset.y_train, salt=salt),
       private_randomness=config.noise_seed is None,
-      flags=tuple((f, getattr(config, f)) for f in PRIVACY_FLAGS))
+      flags=tuple((f, getattr(config, f)) for f in PRIVACY_FLAGS),
+      fingerprint_salt=salt)
 
 
 def _loss():
@@ -206,25 +208,60 @@ class _Terminate:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _restore(checkpoint, manager, ledger, workdir):
-  """Restores the latest checkpoint, refusing one with another ledger."""
-  if not manager.latest_checkpoint:
-    return
-  reader = tf.train.load_checkpoint(manager.latest_checkpoint)
-  key = "ledger/params/.ATTRIBUTES/VARIABLE_VALUE"
-  if not reader.has_tensor(key):
+_LEDGER_KEY = "ledger/params/.ATTRIBUTES/VARIABLE_VALUE"
+ABANDONED = "abandoned_steps.json"
+
+
+def _saved_ledger_at(checkpoint_path, workdir
+                     ) -> Optional[ledger_lib.Ledger]:
+  """The ledger of a checkpoint, or None without a checkpoint."""
+  if not checkpoint_path:
+    return None
+  reader = tf.train.load_checkpoint(checkpoint_path)
+  if not reader.has_tensor(_LEDGER_KEY):
     raise ledger_lib.LedgerMismatch(
         f"refusing to resume {workdir}: its checkpoint has no privacy ledger "
         "(it was written by an older tfdpprune), so the privacy parameters "
         "of its steps cannot be checked. Start a new run in another "
         "--workdir.")
-  saved = ledger_lib.Ledger.from_json(reader.get_tensor(key).decode())
-  ledger_lib.check_resume(saved, ledger, workdir)  # before touching anything
-  status = checkpoint.restore(manager.latest_checkpoint)
-  # Every existing object is restored; optimizer variables created later
-  # (hyper-parameters, slots) are restored when created, or not at all if
-  # the run is already finished.
-  status.assert_existing_objects_matched().expect_partial()
+  return ledger_lib.Ledger.from_json(reader.get_tensor(_LEDGER_KEY).decode())
+
+
+def _abandoned(workdir):
+  """(ledger, steps) of steps taken but abandoned after divergence, or None.
+
+  Such steps were released (at least the failure they ended in), so a rerun
+  accounts them; they were taken with the ledger stored beside them.
+  """
+  path = os.path.join(workdir, ABANDONED)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return ledger_lib.Ledger.from_json(record["ledger"]), int(record["steps"])
+
+
+def _run_ledger(config, dataset, sigma, q, latest, workdir):
+  """(the run's ledger, abandoned steps); refuses (`LedgerMismatch`, before
+  anything is touched) a rerun whose ledger differs from its earlier
+  segments'. The fingerprint salt is the run's first segment's."""
+  abandoned = _abandoned(workdir)
+  earlier = [l for l in (_saved_ledger_at(latest, workdir),
+                         abandoned[0] if abandoned else None) if l]
+  salt = earlier[0].fingerprint_salt if earlier else ledger_lib.new_salt()
+  ledger = privacy_ledger(config, dataset, sigma, q, salt)
+  for segment in earlier:
+    ledger_lib.check_resume(segment, ledger, workdir)
+  return ledger, (abandoned[1] if abandoned else 0)
+
+
+def _record_abandoned(workdir, ledger, steps):
+  previous = _abandoned(workdir)
+  total = steps + (previous[1] if previous else 0)
+  tmp = os.path.join(workdir, ABANDONED + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"ledger": ledger.to_json(), "steps": total}, f)
+  os.replace(tmp, os.path.join(workdir, ABANDONED))
 
 
 def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
@@ -267,7 +304,6 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   dataset, public = load_data(config)
   n = dataset.num_train
   steps, q, sigma = plan(config, n)
-  ledger = privacy_ledger(config, dataset, sigma, q)
   logging.info("N=%d private examples, q=%.4g, %d steps, sigma=%.4f", n, q,
                steps, sigma)
 
@@ -281,12 +317,21 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  latest = tf.train.latest_checkpoint(checkpoint_dir)
+  ledger, abandoned_steps = _run_ledger(config, dataset, sigma, q, latest,
+                                        workdir)
   state = ledger_lib.LedgerState(ledger, optimizer.iterations)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    ledger=state)
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=2)
-  _restore(checkpoint, manager, ledger, workdir)
+  manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
+                                       max_to_keep=2)
+  if latest:
+    status = checkpoint.restore(latest)
+    # Every existing object is restored; optimizer variables created later
+    # (hyper-parameters, slots) are restored when created, or not at all if
+    # the run is already finished.
+    status.assert_existing_objects_matched().expect_partial()
   for name, text in [(CONFIG, json.dumps(config.to_dict(), indent=2))] + (
       list((files or {}).items())):
     with open(os.path.join(workdir, name), "w") as f:
@@ -310,8 +355,8 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   test = test.with_options(options)
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   with _Terminate() as terminate:
-    saver = callbacks_lib.CheckpointEveryEpoch(manager,
-                                               lambda: terminate.requested)
+    saver = callbacks_lib.CheckpointEveryEpoch(
+        manager, lambda: terminate.requested, saved_step=start)
     saver.set_model(model)
     callbacks = [
         saver,  # first: it checks the (private) loss for finiteness
@@ -319,8 +364,9 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
                                       delta=config.delta,
                                       accountant=config.accountant),
         callbacks_lib.StepLimit(steps),
-        callbacks_lib.TrainingSummaries(writer, config.to_dict(),
-                                        nonprivate=config.nonprivate_metrics),
+        callbacks_lib.TrainingSummaries(
+            writer, config.to_dict(), nonprivate=config.nonprivate_metrics,
+            should_write=lambda: saver.failure is None),
     ]
     if not config.nonprivate_metrics:
       callbacks.append(callbacks_lib.HideNonPrivateLogs())
@@ -336,26 +382,31 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   if saver.failure is None:
     saver.save()
   if saver.failure is not None:
+    # The steps after the last checkpoint were taken (and their failure
+    # released): a rerun from that checkpoint accounts them.
+    _record_abandoned(workdir, ledger, saver.failure_step - saver.saved_step)
     raise callbacks_lib.NonFiniteLossError(saver.failure)
 
   # -- evaluate & save ----------------------------------------------------------
   done = int(optimizer.iterations.numpy())
   test_loss, test_accuracy = model.evaluate(test, verbose=0)
-  epsilon = accounting.compute_epsilon(n, config.batch_size, sigma, steps=done,
-                                       delta=config.delta,
-                                       accountant=config.accountant)
+  epsilon = accounting.compute_epsilon(
+      n, config.batch_size, sigma, steps=done + abandoned_steps,
+      delta=config.delta, accountant=config.accountant)
   density = masks_lib.density(model)
   results = {
       "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
       "epsilon": float(epsilon), "delta": config.delta,
       "noise_multiplier": sigma, "l2_norm_clip": config.l2_norm_clip,
-      "steps": done, "sampling_probability": q, "num_examples": n,
+      "steps": done, "abandoned_steps": abandoned_steps,
+      "sampling_probability": q, "num_examples": n,
       "batch_size": config.batch_size, "accountant": config.accountant,
       "private_randomness": config.noise_seed is None,
       "sparsity": 1.0 - density["overall"], "density": density,
       "wall_time_s": time.time() - start_time, "resumed_from_step": start,
       "versions": _versions(), "config": config.to_dict(),
-      "replicas": strategy.num_replicas_in_sync, "ledger": ledger.to_dict(),
+      "replicas": strategy.num_replicas_in_sync,
+      "ledger": ledger.public_dict(),
   }
   with writer.as_default():
     callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)

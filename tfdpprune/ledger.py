@@ -8,10 +8,13 @@ count. Resuming with anything different is refused (`LedgerMismatch`, naming
 each change with both values): accounting the earlier steps at the new
 parameters would misreport epsilon.
 
-The data fingerprint is an HMAC-SHA256 of the private arrays under a key kept
-outside every run directory (`fingerprint_key`): a plain hash of the private
-data in a released checkpoint would let an adversary who knows all but one
-example test membership by hashing both candidate data sets.
+The data fingerprint is an HMAC-SHA256 of a per-run salt and the private
+arrays under a key kept outside every run directory (`fingerprint_key`): a
+plain hash of the private data in a released checkpoint would let an
+adversary who knows all but one example test membership by hashing both
+candidate data sets, and without the salt two runs' fingerprints would tell
+whether their data were identical. It is kept in checkpoints only (not in
+results.json).
 """
 
 import dataclasses
@@ -74,10 +77,19 @@ def fingerprint_key(path: Optional[str] = None) -> bytes:
   return key
 
 
-def fingerprint(*arrays: np.ndarray, key: Optional[bytes] = None) -> str:
-  """A keyed fingerprint (HMAC-SHA256, hex) of arrays' shapes, dtypes, bytes."""
+def new_salt() -> str:
+  """A fresh per-run salt (hex), so that runs on the same data have
+  unrelated fingerprints."""
+  return secrets.token_hex(16)
+
+
+def fingerprint(*arrays: np.ndarray, key: Optional[bytes] = None,
+                salt: str = "") -> str:
+  """A keyed fingerprint (HMAC-SHA256, hex) of a salt and arrays' shapes,
+  dtypes and bytes."""
   mac = hmac.new(key if key is not None else fingerprint_key(),
                  digestmod=hashlib.sha256)
+  mac.update(salt.encode())
   for a in arrays:
     a = np.ascontiguousarray(a)
     mac.update(f"{a.dtype.str}{a.shape}".encode())
@@ -96,9 +108,11 @@ class Ledger:
     l2_norm_clip: C.
     delta: the delta of the reported epsilon.
     accountant: "rdp" or "pld".
-    data_fingerprint: `fingerprint` of the private training data.
+    data_fingerprint: `fingerprint` of the private training data, under
+      the user's key and this run's salt.
     private_randomness: whether noise and sampling keys were secret.
     flags: the privacy-relevant flags, `((name, value), ...)` sorted.
+    fingerprint_salt: the run's salt of `data_fingerprint`.
   """
   noise_multiplier: float
   sampling_probability: float
@@ -109,6 +123,7 @@ class Ledger:
   data_fingerprint: str
   private_randomness: bool
   flags: Tuple[Tuple[str, object], ...] = ()
+  fingerprint_salt: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "flags", tuple(sorted(
@@ -118,6 +133,12 @@ class Ledger:
     out = dataclasses.asdict(self)
     out["flags"] = dict(self.flags)
     out["version"] = _VERSION
+    return out
+
+  def public_dict(self) -> Dict[str, object]:
+    """`to_dict` without the data fingerprint and its salt (for results)."""
+    out = self.to_dict()
+    del out["data_fingerprint"], out["fingerprint_salt"]
     return out
 
   def to_json(self) -> str:

@@ -24,6 +24,7 @@ in memory only: checkpoints, SavedModels and `.keras` files never hold it.
 
 import dataclasses
 import sys
+import types
 from typing import Dict, Optional, Tuple
 import weakref
 
@@ -152,8 +153,8 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
           0.0, trainable=False, name="clip_fraction_diagnostic",
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     self._masks = self._normalize_masks(masks)
-    if iterations:
-      self.iterations.assign(int(iterations))
+    # Created now, not lazily inside a replica function (tf.distribute).
+    self.iterations.assign(int(iterations))
 
   # -- properties -----------------------------------------------------------
 
@@ -270,7 +271,7 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         loss = tf.reduce_mean(tf.reshape(loss, [tf.shape(loss)[0], -1]), 1)
       loss_sum = tf.reduce_sum(loss)
 
-    self._check_models(var_list)
+    self._check_models(var_list, loss)
     for selector in masks_lib.selectors(self._owners(var_list)):
       selector.update(self.iterations)
 
@@ -283,12 +284,13 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
 
     with tf.name_scope(self._name + "/dp_gradients"):
       batch = tf.shape(loss)[0]
-      plan = self._fast_plan(selected, loss)
+      plan, why = self._fast_plan(selected, loss)
       if plan is not None:
         sq_norms, sums_of = self._fast_norms(plan, specs, tape, loss_sum,
                                              loss)
       else:
-        sq_norms, sums_of = self._fallback_norms(selected, specs, tape, loss)
+        sq_norms, sums_of = self._fallback_norms(selected, specs, tape, loss,
+                                                 why)
       norms = tf.sqrt(sq_norms)
       clip = tf.constant(self._l2_norm_clip, norms.dtype)
       # A non-finite input, activation or gradient of example i makes its
@@ -333,10 +335,12 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
         grads.append((total + noise) / tf.cast(denominator, var.dtype))
     return list(zip(grads, var_list))
 
-  def _check_models(self, var_list):
-    """Refuses (once per model) the models training `var_list` that break
-    per-example gradients: found on the Python stack at trace time (Keras'
-    `train_step`, or a custom loop's local variables)."""
+  def _check_models(self, var_list, loss):
+    """Refuses what breaks per-example gradients, at trace time: the models
+    training `var_list` found on the Python stack (Keras' `train_step`, a
+    custom loop's locals, or their attributes) are validated once each, and
+    the traced graph must hold no batch-statistics op (training-mode
+    BatchNormalization), whoever built it."""
     refs = None
     for model in _models_on_stack():
       if model in self._validated_models:
@@ -346,6 +350,17 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
       if any(v.ref() in refs for v in model.trainable_variables):
         validation.validate(model, strict=True)
         self._validated_models.add(model)
+    if not tf.executing_eagerly():
+      ops = validation.batch_statistics_ops(loss.graph)
+      if ops:
+        raise ValueError(
+            "MaskedDPKerasSGDOptimizer: the traced step holds ops that "
+            "normalize with batch statistics (training-mode "
+            f"BatchNormalization): {ops[:5]}. They mix the examples of a "
+            "batch, so per-example gradients and DP-SGD's sensitivity bound "
+            "are undefined. Fix: replace BatchNormalization by "
+            "GroupNormalization or LayerNormalization, or freeze it "
+            "(layer.trainable = False).")
 
   def _owners(self, var_list):
     seen, out = set(), []
@@ -357,18 +372,26 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
     return out
 
   def _fast_plan(self, selected, loss):
-    """`{wrapper: [vars]}` if every selected variable has a live capture."""
+    """`({wrapper: (captures, [vars])}, None)` if every selected variable has
+    a live per-example capture, else `(None, why)`."""
     graph = None if tf.executing_eagerly() else loss.graph
     plan = {}
     for var in selected:
       owner = pruning.wrapper_of(var)
       if owner is None or owner.role_of(var) is None:
-        return None
+        return None, (f"variable {var.name} is not in a layer prepared by "
+                      "tdp.prune (call model = tdp.prune(model) before "
+                      "compile; a subclassed model cannot be prepared)")
       captures = owner.captures(graph)
       if not captures:
-        return None
+        return None, (f"layer {owner.layer.name!r} was not called in this "
+                      "step's graph")
+      for capture in captures:
+        why = _not_per_example(capture, loss)
+        if why:
+          return None, f"layer {owner.layer.name!r} {why}"
       plan.setdefault(owner, (captures, []))[1].append(var)
-    return plan
+    return plan, None
 
   def _fast_norms(self, plan, specs, tape, loss_sum, loss):
     """Per-layer norms from captured activations and one backward pass.
@@ -414,18 +437,29 @@ class MaskedDPKerasSGDOptimizer(_GenericDPSGD):
       return sq_norms, sums
 
     sq_norms, raw_sums = per_layer(None)
+    # Dynamic shapes: each layer's output gradient must have one row per
+    # example (a broadcast layer output would mix them), checked at run time.
+    checks = [tf.debugging.assert_equal(
+        tf.shape(d)[0], tf.shape(loss)[0], message=(
+            f"layer {owner.layer.name!r}: output rows are not the batch's "
+            "examples; feed it batch-major inputs"))
+              for owner, _, pairs, _ in layers for _, delta in pairs
+              for d in tf.nest.flatten(delta) if d is not None and
+              (d.shape[0] is None or loss.shape[0] is None)]
+    if checks:
+      with tf.control_dependencies(checks):
+        sq_norms = tf.identity(sq_norms)
     return sq_norms, _guarded(raw_sums, lambda keep: per_layer(keep)[1])
 
-  def _fallback_norms(self, selected, specs, tape, loss):
+  def _fallback_norms(self, selected, specs, tape, loss, why=None):
     """Vectorized (pfor) jacobian per-example gradients, for any model."""
     if not MaskedDPKerasSGDOptimizer._warned_fallback:
       MaskedDPKerasSGDOptimizer._warned_fallback = True
       logging.warning(
-          "MaskedDPKerasSGDOptimizer: some selected variables are not in "
-          "layers prepared by tdp.prune (or their layer was not called in "
-          "this step), so per-example gradients use the generic vectorized "
-          "jacobian, which is much slower. Wrap the model with "
-          "model = tdp.prune(model) for the fast path.")
+          "MaskedDPKerasSGDOptimizer: the whole-model vectorized jacobian "
+          "computes the per-example gradients (correct, but about B times "
+          "slower than the fast path) because %s.", why or
+          "the per-layer fast path is unavailable")
     if not selected:
       return tf.zeros_like(loss), lambda coef, finite: {}
     jacobians = per_example.jacobian_per_example(tape, loss, selected)
@@ -507,6 +541,27 @@ def _replica_context():
   return ctx
 
 
+def _not_per_example(capture, loss) -> Optional[str]:
+  """Why a capture's rows are not the batch's examples, or None.
+
+  A layer applied to a batch-independent input (e.g. position embeddings of
+  `tf.range(T)` broadcast over the batch later) has outputs with a leading
+  dimension of 1: its output gradient sums all examples, so per-example
+  gradients cannot come from it.
+  """
+  batch = loss.shape[0]
+  for t in tf.nest.flatten(capture.outputs):
+    lead = t.shape[0] if t.shape.rank else None
+    if not t.shape.rank or (lead is not None and batch is not None and
+                            lead != batch) or (lead == 1 and batch is None):
+      return (f"runs on a batch-independent input (output shape {t.shape}, "
+              f"batch {batch}): its output is broadcast over the examples, "
+              "so its per-example gradients need the whole-model jacobian. "
+              "Fix: feed it batch-major inputs, e.g. position ids "
+              "tf.broadcast_to(tf.range(T), tf.shape(tokens)), or freeze it")
+  return None
+
+
 def _guarded(raw_sums, sanitized_sums):
   """`sums_of(coef, finite)`: the raw sums when every example is finite (no
   extra work per step), else sums over inputs with bad examples zeroed."""
@@ -515,31 +570,61 @@ def _guarded(raw_sums, sanitized_sums):
     if not raw:
       return raw
     refs = list(raw)
-    values = tf.cond(
-        tf.reduce_all(finite), lambda: [raw[r] for r in refs],
-        lambda: [sanitized_sums(finite)(coef)[r] for r in refs])
+
+    def sanitized():
+      sums = sanitized_sums(finite)(coef)
+      return [sums[r] for r in refs]
+    values = tf.cond(tf.reduce_all(finite), lambda: [raw[r] for r in refs],
+                     sanitized)
     return dict(zip(refs, values))
   return sums_of
 
 
-def _zero_rows(t, keep):
-  """`t` with the examples where `keep` is False set to 0 (floats only)."""
-  if not t.dtype.is_floating:
-    return t
-  keep = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
-  return tf.where(keep, t, tf.zeros_like(t))
+def _zero_rows(structure, keep):
+  """`structure` (a tensor or nested tensors) with the examples where `keep`
+  is False set to 0 (float tensors of rank >= 1 only)."""
+  def zero(t):
+    if not (isinstance(t, tf.Tensor) and t.dtype.is_floating and
+            t.shape.rank):
+      return t
+    k = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
+    return tf.where(k, t, tf.zeros_like(t))
+  return tf.nest.map_structure(zero, structure)
 
 
 def _models_on_stack(max_depth=64):
-  """Keras models referenced by the local variables of the calling frames."""
+  """Keras models referenced by the calling frames' local variables, or one
+  level inside them (an object's attributes, a container's items)."""
   seen, out = set(), []
+
+  def visit(value, nested):
+    if isinstance(value, keras.Model):
+      if id(value) not in seen:
+        seen.add(id(value))
+        out.append(value)
+    elif nested:
+      if isinstance(value, dict):
+        children = list(value.values())
+      elif isinstance(value, (list, tuple)):
+        children = list(value)
+      elif not isinstance(value, (type, types.ModuleType,
+                                  types.FunctionType)):
+        try:
+          attributes = object.__getattribute__(value, "__dict__")
+        except (AttributeError, TypeError):
+          attributes = None
+        children = (list(attributes.values())
+                    if isinstance(attributes, dict) else [])
+      else:
+        children = []
+      for child in children[:256]:
+        visit(child, False)
+
   frame = sys._getframe(2)  # pylint: disable=protected-access
   depth = 0
   while frame is not None and depth < max_depth:
     for value in list(frame.f_locals.values()):
-      if isinstance(value, keras.Model) and id(value) not in seen:
-        seen.add(id(value))
-        out.append(value)
+      visit(value, True)
     frame, depth = frame.f_back, depth + 1
   return out
 

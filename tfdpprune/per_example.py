@@ -69,7 +69,7 @@ class Capture:
 LayerResult = Tuple[tf.Tensor, Callable[[tf.Tensor], Dict[str, tf.Tensor]]]
 
 
-def _flatten_positions(t):
+def flatten_positions(t):
   """`[B, d1, ..., dk, C]` -> `[B, T, C]` with T = d1*...*dk (T=1 if k=0)."""
   if t.shape.rank == 2:
     return t[:, tf.newaxis, :]
@@ -174,7 +174,7 @@ def materialized_engine(g, mask):
 
 def bias_engine(delta, mask):
   """Per-example bias gradients `sum_t delta_it`, materialized `[B, N]`."""
-  return materialized_engine(tf.reduce_sum(_flatten_positions(delta), axis=1),
+  return materialized_engine(tf.reduce_sum(flatten_positions(delta), axis=1),
                              mask)
 
 
@@ -210,7 +210,7 @@ class Sampler:
     raise NotImplementedError
 
 
-def _without_activation(layer, inputs, *args, **kwargs):
+def without_activation(layer, inputs, *args, **kwargs):
   """Calls `layer` with its activation replaced by the identity."""
   activation = layer.activation
   object.__setattr__(layer, "activation", keras.activations.linear)
@@ -231,7 +231,7 @@ class _KernelBiasSampler(Sampler):
     return out
 
   def forward(self, layer, inputs, *args, **kwargs):
-    outputs, z = _without_activation(layer, inputs, *args, **kwargs)
+    outputs, z = without_activation(layer, inputs, *args, **kwargs)
     return outputs, inputs, z
 
   def _a(self, layer, inputs):
@@ -243,18 +243,18 @@ class _KernelBiasSampler(Sampler):
     if len(captures) == 1:
       capture, delta = captures[0]
       a, order = self._a(layer, capture.inputs)
-      d = _flatten_positions(delta)
+      d = flatten_positions(delta)
       positions = _positions(delta) if delta.shape.rank > 2 else 1
     else:  # a shared layer: concatenate calls along positions, materialize.
       parts = [self._a(layer, c.inputs) for c, _ in captures]
       a = tf.concat([p for p, _ in parts], axis=1)
       order = parts[0][1]
-      d = tf.concat([_flatten_positions(dl) for _, dl in captures], axis=1)
+      d = tf.concat([flatten_positions(dl) for _, dl in captures], axis=1)
       positions = None
     return linear_engine(a, d, mask, layer.kernel.shape, positions, order)
 
   def per_example(self, layer, captures, masks):
-    d = tf.concat([_flatten_positions(dl) for _, dl in captures], axis=1)
+    d = tf.concat([flatten_positions(dl) for _, dl in captures], axis=1)
     results = {}
     if "kernel" in masks:
       results["kernel"] = self._kernel_result(layer, captures,
@@ -274,7 +274,7 @@ def combine(results: Dict[str, LayerResult]) -> LayerResult:
   return sq, sum_fn
 
 
-def _conv_support(layer) -> Optional[str]:
+def conv_support(layer) -> Optional[str]:
   """Why the fast path cannot take this convolution, or None."""
   if layer.data_format != "channels_last":
     return "data_format channels_first"
@@ -288,7 +288,7 @@ class DenseSampler(_KernelBiasSampler):
   name = "dense: einsum / ghost norms"
 
   def _a(self, layer, inputs):
-    return _flatten_positions(tf.cast(inputs, layer.kernel.dtype)), None
+    return flatten_positions(tf.cast(inputs, layer.kernel.dtype)), None
 
 
 class Conv2DSampler(_KernelBiasSampler):
@@ -297,7 +297,7 @@ class Conv2DSampler(_KernelBiasSampler):
   name = "conv2d: patches / ghost norms"
 
   def supports(self, layer):
-    return _conv_support(layer)
+    return conv_support(layer)
 
   # Per-example kernels straight from one depthwise filter-gradient op when
   # the input has at most this many channels (the first layer of an image
@@ -315,7 +315,7 @@ class Conv2DSampler(_KernelBiasSampler):
     patches = tf.image.extract_patches(
         x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
         rates=[1, dh, dw, 1], padding=layer.padding.upper())
-    return _flatten_positions(patches), None
+    return flatten_positions(patches), None
 
   def _kernel_result(self, layer, captures, mask):
     cin = layer.kernel.shape[2]
@@ -402,7 +402,7 @@ class Conv1DSampler(_KernelBiasSampler):
   name = "conv1d: patches / ghost norms"
 
   def supports(self, layer):
-    return _conv_support(layer)
+    return conv_support(layer)
 
   def _a(self, layer, inputs):
     (k,), (s,), (d,) = layer.kernel_size, layer.strides, layer.dilation_rate
@@ -414,7 +414,7 @@ class Conv1DSampler(_KernelBiasSampler):
     patches = tf.image.extract_patches(
         x[:, tf.newaxis], sizes=[1, 1, k, 1], strides=[1, 1, s, 1],
         rates=[1, 1, d, 1], padding=padding)
-    return _flatten_positions(patches), None
+    return flatten_positions(patches), None
 
 
 class DepthwiseConv2DSampler(Sampler):
@@ -429,38 +429,47 @@ class DepthwiseConv2DSampler(Sampler):
     return out
 
   def supports(self, layer):
-    return _conv_support(layer)
+    return conv_support(layer)
 
   def forward(self, layer, inputs, *args, **kwargs):
-    outputs, z = _without_activation(layer, inputs, *args, **kwargs)
+    outputs, z = without_activation(layer, inputs, *args, **kwargs)
     return outputs, inputs, z
 
   def per_example(self, layer, captures, masks):
-    kh, kw, cin, mult = layer.depthwise_kernel.shape
-    sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    a_parts, d_parts = [], []
-    for capture, delta in captures:
-      patches = tf.image.extract_patches(
-          tf.cast(capture.inputs, layer.depthwise_kernel.dtype),
-          sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-          padding=layer.padding.upper())
-      b = tf.shape(patches)[0]
-      a_parts.append(tf.reshape(patches, [b, -1, kh * kw, cin]))
-      d_parts.append(tf.reshape(delta, [b, -1, cin, mult]))
-    a = tf.concat(a_parts, axis=1)
-    d = tf.concat(d_parts, axis=1)
+    _, _, cin, mult = layer.depthwise_kernel.shape
+    pairs = [(c.inputs, d) for c, d in captures]
     results = {}
     if "depthwise_kernel" in masks:
-      g = tf.einsum("btkc,btcm->bkcm", a, d)
-      g = tf.reshape(g, [-1, kh, kw, cin, mult])
       results["depthwise_kernel"] = materialized_engine(
-          g, masks["depthwise_kernel"])
+          depthwise_kernel_grads(layer, pairs), masks["depthwise_kernel"])
     if "bias" in masks:
-      results["bias"] = materialized_engine(
-          tf.reshape(tf.reduce_sum(d, axis=1), [-1, cin * mult]),
-          masks["bias"])
+      d = tf.concat([tf.reshape(dl, [tf.shape(dl)[0], -1, cin * mult])
+                     for _, dl in pairs], axis=1)
+      results["bias"] = materialized_engine(tf.reduce_sum(d, axis=1),
+                                            masks["bias"])
     return combine(results)
+
+
+def depthwise_kernel_grads(layer, pairs):
+  """`[B, kh, kw, Cin, M]` per-example depthwise kernels from `(x, delta)`
+  calls of a layer with `depthwise_kernel`, strides, dilation and padding
+  (`delta`: `[B, H', W', Cin * M]`)."""
+  kh, kw, cin, mult = layer.depthwise_kernel.shape
+  sh, sw = layer.strides
+  dh, dw = layer.dilation_rate
+  a_parts, d_parts = [], []
+  for x, delta in pairs:
+    patches = tf.image.extract_patches(
+        tf.cast(x, layer.depthwise_kernel.dtype), sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+        padding=layer.padding.upper())
+    b = tf.shape(patches)[0]
+    a_parts.append(tf.reshape(patches, [b, -1, kh * kw, cin]))
+    d_parts.append(tf.reshape(tf.cast(delta, patches.dtype),
+                              [b, -1, cin, mult]))
+  g = tf.einsum("btkc,btcm->bkcm", tf.concat(a_parts, axis=1),
+                tf.concat(d_parts, axis=1))
+  return tf.reshape(g, [-1, kh, kw, cin, mult])
 
 
 class EmbeddingSampler(Sampler):

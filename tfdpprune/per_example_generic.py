@@ -45,11 +45,18 @@ def generic_roles(layer) -> Dict[str, tf.Variable]:
 
 
 class _UnrolledRNNs:
-  """Context: Keras RNN sublayers unrolled (static time dimension only)."""
+  """Context: Keras RNN sublayers unrolled for the recompute.
+
+  Not for `go_backwards` with `zero_output_for_mask`: Keras' unrolled loop
+  returns other outputs there than its while loop (TF 2.21), so those keep
+  the while loop (and the sequential fallback).
+  """
 
   def __init__(self, layer):
     self.rnns = [l for l in layer._flatten_layers(include_self=True)  # pylint: disable=protected-access
-                 if isinstance(l, keras.layers.RNN)]
+                 if isinstance(l, keras.layers.RNN) and not (
+                     l.go_backwards and getattr(l, "zero_output_for_mask",
+                                                False))]
     self.saved = []
 
   def __enter__(self):

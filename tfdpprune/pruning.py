@@ -23,7 +23,10 @@ from absl import logging
 from tfdpprune import config as config_lib
 from tfdpprune import masks
 from tfdpprune import per_example
+from tfdpprune import per_example_attention  # pylint: disable=unused-import  (registers samplers)
+from tfdpprune import per_example_conv  # pylint: disable=unused-import  (registers samplers)
 from tfdpprune import per_example_generic
+from tfdpprune import per_example_rnn  # pylint: disable=unused-import  (registers samplers)
 from tfdpprune import validation
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf

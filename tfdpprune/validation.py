@@ -94,6 +94,17 @@ def layer_problems(layer) -> List[Problem]:
   return out
 
 
+def batch_statistics_ops(graph) -> List[str]:
+  """Names of the ops of `graph` that update moving batch statistics: the
+  signature of training-mode BatchNormalization (fused or not; Keras'
+  `AssignMovingAvg` / `AssignNewValue` scopes). LayerNormalization, which
+  reuses the fused batch-norm kernel per example, updates none."""
+  return [op.name for op in graph.get_operations()
+          if op.type in ("AssignSubVariableOp", "AssignVariableOp",
+                         "AssignSub", "Assign") and
+          ("/AssignMovingAvg" in op.name or "/AssignNewValue" in op.name)]
+
+
 def validate(model, strict: bool = False) -> List[Problem]:
   """Every problem of `model` (and its nested layers) for DP-SGD.
 
