@@ -186,22 +186,24 @@ def keras_io_convnet(seed):
       keras.layers.Dense(10)])
 
 
-def embedding_pooling(seed, vocab=20000, length=200):
+def _text_model(seed, *body, dim=64, vocab=20000, length=200):
+  """Tokens -> Embedding(vocab, dim) -> `body` layers -> Dense(2) logits."""
   keras.utils.set_random_seed(seed)
   inputs = _text_input(length)
-  h = keras.layers.Embedding(vocab, 64)(inputs)
-  h = keras.layers.GlobalAveragePooling1D()(h)
-  h = keras.layers.Dense(64, activation="relu")(h)
+  h = keras.layers.Embedding(vocab, dim)(inputs)
+  for layer in body:
+    h = layer(h)
   return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def embedding_conv1d(seed, vocab=20000, length=200):
-  keras.utils.set_random_seed(seed)
-  inputs = _text_input(length)
-  h = keras.layers.Embedding(vocab, 64)(inputs)
-  h = keras.layers.Conv1D(64, 5, activation="relu")(h)
-  h = keras.layers.GlobalMaxPooling1D()(h)
-  return keras.Model(inputs, keras.layers.Dense(2)(h))
+def embedding_pooling(seed):
+  return _text_model(seed, keras.layers.GlobalAveragePooling1D(),
+                     keras.layers.Dense(64, activation="relu"))
+
+
+def embedding_conv1d(seed):
+  return _text_model(seed, keras.layers.Conv1D(64, 5, activation="relu"),
+                     keras.layers.GlobalMaxPooling1D())
 
 
 def resnet_groupnorm_block(seed):
@@ -218,15 +220,12 @@ def resnet_groupnorm_block(seed):
   return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
-def bilstm_text(seed, vocab=20000, length=200):
+def bilstm_text(seed):
   """keras.io "Bidirectional LSTM on IMDB": two Bidirectional(LSTM(64))."""
-  keras.utils.set_random_seed(seed)
-  inputs = _text_input(length)
-  h = keras.layers.Embedding(vocab, 128)(inputs)
-  h = keras.layers.Bidirectional(keras.layers.LSTM(64,
-                                                   return_sequences=True))(h)
-  h = keras.layers.Bidirectional(keras.layers.LSTM(64))(h)
-  return keras.Model(inputs, keras.layers.Dense(2)(h))
+  return _text_model(
+      seed, keras.layers.Bidirectional(keras.layers.LSTM(
+          64, return_sequences=True)),
+      keras.layers.Bidirectional(keras.layers.LSTM(64)), dim=128)
 
 
 def transformer_block(seed, vocab=20000, length=200, dim=32, heads=2):
@@ -252,12 +251,8 @@ def transformer_block(seed, vocab=20000, length=200, dim=32, heads=2):
   return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def gru_text(seed, vocab=20000, length=200):
-  keras.utils.set_random_seed(seed)
-  inputs = _text_input(length)
-  h = keras.layers.Embedding(vocab, 64)(inputs)
-  h = keras.layers.GRU(64)(h)
-  return keras.Model(inputs, keras.layers.Dense(2)(h))
+def gru_text(seed):
+  return _text_model(seed, keras.layers.GRU(64))
 
 
 def separable_convnet(seed):

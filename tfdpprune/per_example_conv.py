@@ -25,6 +25,50 @@ from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
 
+def _bias_result(layer, captures, mask):
+  """Per-example bias gradients: output gradients summed over positions."""
+  n_out = layer.bias.shape[-1]
+  g = tf.add_n([tf.reduce_sum(tf.reshape(
+      tf.cast(d, layer.bias.dtype), [tf.shape(d)[0], -1, n_out]), axis=1)
+                for _, d in captures])
+  return per_example.materialized_engine(g, mask)
+
+
+class _KernelConv(per_example.Sampler):
+  """A convolution with `kernel` (and `bias`) whose kernel gradient is
+  `linear_engine(patches, other)`; subclasses give the two factors."""
+
+  def roles(self, layer):
+    out = {"kernel": layer.kernel}
+    if layer.use_bias and layer.bias is not None:
+      out["bias"] = layer.bias
+    return out
+
+  def forward(self, layer, inputs, *args, **kwargs):
+    outputs, z = per_example.without_activation(layer, inputs, *args,
+                                                **kwargs)
+    return outputs, inputs, z
+
+  def _factors(self, layer, x, delta):
+    """`(a [B, T, K], d [B, T, N])` with kernel gradient sum_t a_t (x) d_t."""
+    raise NotImplementedError
+
+  def per_example(self, layer, captures, masks):
+    results = {}
+    if "kernel" in masks:
+      parts = [self._factors(layer, tf.cast(c.inputs, layer.kernel.dtype),
+                             tf.cast(d, layer.kernel.dtype))
+               for c, d in captures]
+      a = tf.concat([per_example.flatten_positions(p) for p, _ in parts], 1)
+      d = tf.concat([per_example.flatten_positions(q) for _, q in parts], 1)
+      results["kernel"] = per_example.linear_engine(
+          a, d, masks["kernel"], layer.kernel.shape,
+          a.shape[1] if len(captures) == 1 else None)
+    if "bias" in masks:
+      results["bias"] = _bias_result(layer, captures, masks["bias"])
+    return per_example.combine(results)
+
+
 class SeparableConv2DSampler(per_example.Sampler):
   """SeparableConv2D: pointwise einsum, depthwise from `delta P^T`."""
 
@@ -56,7 +100,6 @@ class SeparableConv2DSampler(per_example.Sampler):
 
   def per_example(self, layer, captures, masks):
     pointwise = layer.pointwise_kernel
-    n_out = pointwise.shape[-1]
     results = {}
     deltas = [tf.cast(d, pointwise.dtype) for _, d in captures]
     if "pointwise_kernel" in masks:
@@ -75,13 +118,11 @@ class SeparableConv2DSampler(per_example.Sampler):
           per_example.depthwise_kernel_grads(layer, pairs),
           masks["depthwise_kernel"])
     if "bias" in masks:
-      g = tf.add_n([tf.reduce_sum(tf.reshape(d, [tf.shape(d)[0], -1, n_out]),
-                                  axis=1) for d in deltas])
-      results["bias"] = per_example.materialized_engine(g, masks["bias"])
+      results["bias"] = _bias_result(layer, captures, masks["bias"])
     return per_example.combine(results)
 
 
-class Conv2DTransposeSampler(per_example.Sampler):
+class Conv2DTransposeSampler(_KernelConv):
   """Conv2DTranspose: patches of `delta` times the input."""
 
   name = "transposed conv: output-gradient patches einsum"
@@ -96,42 +137,13 @@ class Conv2DTransposeSampler(per_example.Sampler):
       return "output_padding"
     return None
 
-  def roles(self, layer):
-    out = {"kernel": layer.kernel}
-    if layer.use_bias and layer.bias is not None:
-      out["bias"] = layer.bias
-    return out
-
-  def forward(self, layer, inputs, *args, **kwargs):
-    outputs, z = per_example.without_activation(layer, inputs, *args,
-                                                **kwargs)
-    return outputs, inputs, z
-
-  def per_example(self, layer, captures, masks):
-    kh, kw, n_out, _ = layer.kernel.shape
+  def _factors(self, layer, x, delta):
+    kh, kw, _, _ = layer.kernel.shape
     sh, sw = layer.strides
-    results = {}
-    if "kernel" in masks:
-      a_parts, x_parts = [], []
-      for capture, delta in captures:
-        patches = tf.image.extract_patches(
-            tf.cast(delta, layer.kernel.dtype), sizes=[1, kh, kw, 1],
-            strides=[1, sh, sw, 1], rates=[1, 1, 1, 1],
-            padding=layer.padding.upper())
-        x = tf.cast(capture.inputs, layer.kernel.dtype)
-        tf.debugging.assert_equal(tf.shape(patches)[1:3], tf.shape(x)[1:3])
-        a_parts.append(per_example.flatten_positions(patches))
-        x_parts.append(per_example.flatten_positions(x))
-      a, x = tf.concat(a_parts, axis=1), tf.concat(x_parts, axis=1)
-      results["kernel"] = per_example.linear_engine(
-          a, x, masks["kernel"], layer.kernel.shape,
-          a.shape[1] if len(captures) == 1 else None)
-    if "bias" in masks:
-      g = tf.add_n([tf.reduce_sum(tf.reshape(
-          tf.cast(d, layer.bias.dtype), [tf.shape(d)[0], -1, n_out]), axis=1)
-                    for _, d in captures])
-      results["bias"] = per_example.materialized_engine(g, masks["bias"])
-    return per_example.combine(results)
+    patches = tf.image.extract_patches(
+        delta, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+        rates=[1, 1, 1, 1], padding=layer.padding.upper())
+    return patches, x
 
 
 def volume_patches(x, kernel_size, strides, padding):
@@ -172,7 +184,7 @@ def volume_patches(x, kernel_size, strides, padding):
   return tf.reshape(tf.stack(parts, axis=-2), [-1, od, oh, ow, kd * kh * kw * c])
 
 
-class Conv3DSampler(per_example.Sampler):
+class Conv3DSampler(_KernelConv):
   """Conv3D: volume patches times output gradients (`linear_engine`)."""
 
   name = "conv3d: volume patches / ghost norms"
@@ -185,36 +197,9 @@ class Conv3DSampler(per_example.Sampler):
       return "dilated 3D convolution"
     return None
 
-  def roles(self, layer):
-    out = {"kernel": layer.kernel}
-    if layer.use_bias and layer.bias is not None:
-      out["bias"] = layer.bias
-    return out
-
-  def forward(self, layer, inputs, *args, **kwargs):
-    outputs, z = per_example.without_activation(layer, inputs, *args,
-                                                **kwargs)
-    return outputs, inputs, z
-
-  def per_example(self, layer, captures, masks):
-    n_out = layer.kernel.shape[-1]
-    results = {}
-    if "kernel" in masks:
-      a = tf.concat([per_example.flatten_positions(volume_patches(
-          tf.cast(c.inputs, layer.kernel.dtype), layer.kernel_size,
-          layer.strides, layer.padding.upper())) for c, _ in captures],
-                    axis=1)
-      d = tf.concat([per_example.flatten_positions(
-          tf.cast(dl, layer.kernel.dtype)) for _, dl in captures], axis=1)
-      results["kernel"] = per_example.linear_engine(
-          a, d, masks["kernel"], layer.kernel.shape,
-          a.shape[1] if len(captures) == 1 else None)
-    if "bias" in masks:
-      g = tf.add_n([tf.reduce_sum(tf.reshape(
-          tf.cast(d, layer.bias.dtype), [tf.shape(d)[0], -1, n_out]), axis=1)
-                    for _, d in captures])
-      results["bias"] = per_example.materialized_engine(g, masks["bias"])
-    return per_example.combine(results)
+  def _factors(self, layer, x, delta):
+    return volume_patches(x, layer.kernel_size, layer.strides,
+                          layer.padding.upper()), delta
 
 
 per_example.register_sampler(keras.layers.Conv3D, Conv3DSampler())
