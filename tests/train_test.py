@@ -129,6 +129,18 @@ def test_invalid_flags_name_the_flag_and_range(parsed_flags, args, names):
     assert name in str(e.value)
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(
+    os.path.join(ROOT, "flags", "*", "*.cfg"))))
+def test_every_flagfile_gives_a_valid_config(parsed_flags, monkeypatch, path):
+  monkeypatch.chdir(ROOT)  # flagfiles name their base relative to the repo
+  config = parsed_flags(f"--flagfile={os.path.relpath(path, ROOT)}")
+  assert config.batch_size == 256
+  with open(path) as f:
+    header = f.read()
+  for part in ("# Purpose:", "# Command:", "# Expected:", "# Runtime:"):
+    assert part in header
+
+
 @pytest.mark.parametrize("field,value,names", [
     ("delta", 0.01, ["--delta", "1/N"]),           # digits: N = 1437
     ("dataset", "nope", ["--dataset", "digits", "fashion_mnist"]),

@@ -30,8 +30,14 @@ falls as alpha_j grows. Units that matter raise their concentration; a unit
 that carries nothing has no reason to, and is pushed down through the sum
 a0. The gate `n * phi` (mean 1 only on average over units) ties a unit's
 mean scale to its share, so a larger share also means more absolute noise:
-on our public-data checks it moved mass towards the units that matter least,
-ranking them backwards.
+on our public-data check (the tutorial CNN pre-trained on 1,200 public
+Fashion-MNIST examples) its importances had Spearman correlation -0.24 to
+-0.73 per layer with the loss increase from removing each unit, ranking
+units backwards; the mean-1 gate gave +0.39 to +0.84 (weight magnitude:
++0.28 to +0.55; one epoch of inference each). The price: through E_q[phi],
+the gated model depends on alpha itself, so the objective is a variational
+objective in the manner of variational dropout's mean-1 multiplicative
+noise rather than the ELBO of a model fixed in advance.
 
 Cost: `epochs * max(1, N_public // B)` steps, each one forward and backward
 pass of the fixed network on B public examples, with Adam on log(alpha)
