@@ -5,7 +5,9 @@ import pytest
 
 import tfdpprune as tdp
 from tfdpprune import masks
+from tfdpprune import public
 from tfdpprune import pruning
+from tfdpprune import randomness
 from tfdpprune._compat import tf
 
 keras = tdp.keras
@@ -59,7 +61,17 @@ def _kernel_masks(model):
     (dict(mode="select", pruned="zero"), "pruned"),
     (dict(mode="freeze", pruned="drop"), "pruned"),
     (dict(mode="freeze", every_k_steps=2), "every_k_steps"),
-    (dict(mode="select", method="public_gradient"), "method"),
+    (dict(mode="select", method="dirichlet"), "method"),
+    (dict(method="dirichlet", granularity="weight"), "granularity"),
+    (dict(method="dirichlet", dirichlet_epochs=0), "dirichlet_epochs"),
+    (dict(method="dirichlet", dirichlet_prior=-1.0), "dirichlet_prior"),
+    (dict(method="dirichlet", dirichlet_learning_rate=float("nan")),
+     "dirichlet_learning_rate"),
+    (dict(method="random", dirichlet_prior=1.0), "dirichlet_prior"),
+    (dict(method="public_gradient", public_batch_size=32),
+     "public_batch_size"),
+    (dict(mode="select", method="public_saliency", public_batch_size=0),
+     "public_batch_size"),
     (dict(mode="select", sparsity_schedule=((5, 0.5), (2, 0.9))),
      "sparsity_schedule"),
     (dict(layers="(unclosed"), "layers"),
@@ -294,6 +306,92 @@ def test_freeze_and_select_combine_as_intersection():
   assert 0.1 < both.mean() < 0.4
 
 
+def _public_select(method="public_gradient", sparsity=0.7, k=1, seed=3):
+  return tdp.PruneConfig(mode="select", method=method, sparsity=sparsity,
+                         every_k_steps=k, public_batch_size=8, seed=seed)
+
+
+def _select_masks(model):
+  return np.concatenate([w.select_masks["kernel"].numpy().ravel()
+                         for w in pruning.wrappers(model)])
+
+
+@pytest.mark.parametrize("method", ["public_gradient", "public_saliency"])
+def test_select_public_moves_the_selection_scored_on_public_batch_d(method):
+  x_pub, y_pub = _data(32, seed=1)
+  cfg = _public_select(method)
+  pm = tdp.prune(_cnn(), cfg, public_data=(x_pub, y_pub))
+  pm.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.2),
+             _xent())
+  kernels = [w.layer.kernel for w in pruning.wrappers(pm)]
+  selects = [w.select_masks["kernel"] for w in pruning.wrappers(pm)]
+  # Reference: public batch d (indices from the public stream of the seed),
+  # mean gradient of the plain model at the step's weights, ranked.
+  batches = public.PublicBatches(x_pub, y_pub, 8, randomness.derived_key(
+      3, randomness.PUBLIC_BATCHES))
+  plain = tdp.strip(pm)
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  x, y = _data(8)
+  seen = []
+  for step in range(4):
+    before = [k.numpy().copy() for k in kernels]
+    xb, yb = batches.batch(step)
+    with tf.GradientTape() as tape:
+      value = loss(yb, plain(xb))
+    expected = masks.compute_masks(cfg, kernels,
+                                   public_grads=tape.gradient(value, kernels))
+    pm.train_on_batch(x, y)
+    for k, m, b, e in zip(kernels, selects, before, expected):
+      selected = m.numpy() == 1
+      assert (selected != (e.numpy() == 1)).sum() <= 2  # float ties
+      moved = k.numpy() != b
+      np.testing.assert_array_equal(moved, selected)  # noise moves them all
+      assert abs(moved.mean() - 0.3) <= 1 / moved.size  # 1 - sparsity
+    seen.append(_select_masks(pm))
+  assert not np.array_equal(seen[0], seen[1])  # re-drawn on new batches
+
+
+def test_select_public_identical_across_private_data():
+  x_pub, y_pub = _data(32, seed=1)
+  runs = []
+  for private_seed in (5, 6):
+    pm = tdp.prune(_cnn(), _public_select(), public_data=(x_pub, y_pub))
+    # learning_rate 0: the weights stay fixed, so only the data could differ.
+    pm.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.0),
+               _xent())
+    x, y = _data(8, seed=private_seed)
+    drawn = []
+    for _ in range(3):
+      pm.train_on_batch(x, y)
+      drawn.append(_select_masks(pm))
+    runs.append(drawn)
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(runs[0][0], runs[0][1])
+
+
+def test_loaded_select_public_model_needs_its_public_data_back(tmp_path):
+  x_pub, y_pub = _data(32, seed=1)
+  pm = tdp.prune(_cnn(), _public_select("public_saliency"),
+                 public_data=(x_pub, y_pub))
+  pm.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.2,
+                                           noise_seed=4), _xent())
+  x, y = _data(8)
+  for _ in range(2):
+    pm.train_on_batch(x, y)
+  pm.save(str(tmp_path / "m.keras"))
+  loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+  with pytest.raises(ValueError, match="attach_public_data"):
+    loaded.train_on_batch(x, y)
+  tdp.attach_public_data(loaded, (x_pub, y_pub))
+  loaded.train_on_batch(x, y)
+  pm.train_on_batch(x, y)
+  np.testing.assert_array_equal(_select_masks(loaded), _select_masks(pm))
+  with pytest.raises(ValueError, match="no layer"):
+    tdp.attach_public_data(tdp.prune(_cnn(), tdp.PruneConfig()),
+                           (x_pub, y_pub))
+
+
 # -- strip, save/load, resume ----------------------------------------------
 
 
@@ -329,14 +427,16 @@ def test_masks_survive_save_and_load(tmp_path):
   assert not np.array_equal(before, after)
 
 
-def _select_run(tmp_path, total, interrupt_at=None):
+def _select_run(tmp_path, total, interrupt_at=None, method="random"):
   """Train `total` steps (optionally stopping and restoring); return masks."""
-  cfg = tdp.PruneConfig(mode="select", sparsity=0.6, every_k_steps=2, seed=5)
+  cfg = tdp.PruneConfig(mode="select", method=method, sparsity=0.6,
+                        every_k_steps=2, seed=5)
   x, y = _data(8)
   drawn = []
+  public_data = _data(24, seed=7) if method != "random" else None
 
   def build():
-    pm = tdp.prune(_cnn(seed=0), cfg)
+    pm = tdp.prune(_cnn(seed=0), cfg, public_data=public_data)
     opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.2,
                                         momentum=0.9, noise_seed=11)
     pm.compile(opt, _xent())
@@ -354,9 +454,11 @@ def _select_run(tmp_path, total, interrupt_at=None):
   return drawn, int(pm.optimizer.iterations.numpy()), pm.get_weights()
 
 
-def test_resumed_run_draws_the_same_selections(tmp_path):
-  full, steps_a, weights_a = _select_run(tmp_path / "a", 6)
-  resumed, steps_b, weights_b = _select_run(tmp_path / "b", 6, interrupt_at=3)
+@pytest.mark.parametrize("method", ["random", "public_gradient"])
+def test_resumed_run_draws_the_same_selections(tmp_path, method):
+  full, steps_a, weights_a = _select_run(tmp_path / "a", 6, method=method)
+  resumed, steps_b, weights_b = _select_run(tmp_path / "b", 6, interrupt_at=3,
+                                            method=method)
   assert steps_a == steps_b == 6
   for a, b in zip(full, resumed):
     np.testing.assert_array_equal(a, b)

@@ -66,6 +66,30 @@ def test_cli_on_digits_writes_results_json(tmp_path):
   assert results["private_randomness"] is True
 
 
+@pytest.mark.parametrize("args,updated", [
+    (["--prune_mode=freeze", "--prune_method=dirichlet", "--sparsity=0.5",
+      "--dirichlet_epochs=2", "--public_batch_size=32"], (0.55, 0.6)),
+    (["--prune_mode=select", "--prune_method=public_gradient",
+      "--sparsity=0.9", "--every_k_steps=2"], (0.1, 0.12)),
+])
+def test_cli_public_mask_methods_on_digits(tmp_path, args, updated):
+  workdir = str(tmp_path / "run")
+  proc = _cli("--steps=4", "--verbose=0", "--public_fraction=0.1", *args,
+              f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = _results(workdir)
+  assert results["steps"] == 4
+  assert results["num_examples"] == 1294  # 1437 - 143 public: not in N
+  # mlp: dense1 (64*256 + 256), logits (2570): dirichlet freezes half
+  # of dense1's kernel (0.574 updated), select 10% of both kernels (0.112).
+  assert updated[0] < 1 - results["sparsity"] < updated[1]
+  prune = results["config"]["prune"]
+  assert prune["method"] == args[1].split("=")[1]
+  if prune["method"] == "dirichlet":
+    assert prune["granularity"] == "neuron"
+    assert (prune["dirichlet_epochs"], prune["public_batch_size"]) == (2, 32)
+
+
 @pytest.fixture
 def parsed_flags():
   def parse(*args):
@@ -87,12 +111,34 @@ def parsed_flags():
     (["--prune_mode=select", "--every_k_steps=0"], ["--every_k_steps", ">= 1"]),
     (["--public_fraction=1.0"], ["--public_fraction", "[0, 1)"]),
     (["--epochs=2", "--steps=3"], ["--epochs", "--steps"]),
+    (["--prune_mode=select", "--prune_method=dirichlet",
+      "--public_fraction=0.1"], ["--prune_method", "mode='freeze'"]),
+    (["--prune_mode=freeze", "--prune_method=dirichlet", "--granularity=weight",
+      "--public_fraction=0.1"], ["--granularity", "'neuron'"]),
+    (["--prune_mode=freeze", "--prune_method=dirichlet"],
+     ["--prune_method", "--public_fraction"]),
+    (["--prune_mode=freeze", "--prune_method=dirichlet", "--dirichlet_prior=0",
+      "--public_fraction=0.1"], ["--dirichlet_prior", "> 0"]),
+    (["--prune_mode=select", "--public_batch_size=8"],
+     ["--public_batch_size", "only used"]),
 ])
 def test_invalid_flags_name_the_flag_and_range(parsed_flags, args, names):
   with pytest.raises(ValueError) as e:
     parsed_flags(*args)
   for name in names:
     assert name in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(
+    os.path.join(ROOT, "flags", "*", "*.cfg"))))
+def test_every_flagfile_gives_a_valid_config(parsed_flags, monkeypatch, path):
+  monkeypatch.chdir(ROOT)  # flagfiles name their base relative to the repo
+  config = parsed_flags(f"--flagfile={os.path.relpath(path, ROOT)}")
+  assert config.batch_size == 256
+  with open(path) as f:
+    header = f.read()
+  for part in ("# Purpose:", "# Command:", "# Expected:", "# Runtime:"):
+    assert part in header
 
 
 @pytest.mark.parametrize("field,value,names", [

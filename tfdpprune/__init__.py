@@ -15,16 +15,19 @@ opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
 
 from tfdpprune._compat import keras
 from tfdpprune import accounting
+from tfdpprune import masks
 from tfdpprune.callbacks import PrivacyCallback
 from tfdpprune.config import PruneConfig
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+from tfdpprune.pruning import attach_public_data
 from tfdpprune.pruning import prune
 from tfdpprune.pruning import PruneWrapper
 from tfdpprune.pruning import strip
 from tfdpprune.validation import validate
 
 __all__ = [
-    "keras", "accounting", "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune",
-    "PrivacyCallback", "PruneWrapper", "strip", "validate",
+    "keras", "accounting", "attach_public_data", "masks",
+    "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune", "PrivacyCallback",
+    "PruneWrapper", "strip", "validate",
 ]
 __version__ = "0.1.0"

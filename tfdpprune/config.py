@@ -2,10 +2,13 @@
 
 import dataclasses
 import re
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 _MODES = ("freeze", "select")
-_METHODS = ("random", "magnitude", "public_gradient", "public_saliency")
+_METHODS = ("random", "magnitude", "public_gradient", "public_saliency",
+            "dirichlet")
+# Methods that score coordinates from gradients on public data.
+PUBLIC_GRADIENT_METHODS = ("public_gradient", "public_saliency")
 _SCOPES = ("global", "per_layer")
 _GRANULARITIES = ("weight", "neuron", "layer")
 _PRUNED = ("zero", "keep")
@@ -16,6 +19,13 @@ def _one_of(name, value, allowed):
   if value not in allowed:
     raise ValueError(f"PruneConfig.{name}={value!r} is not allowed; "
                      f"allowed: {', '.join(map(repr, allowed))}")
+
+
+class DirichletSettings(NamedTuple):
+  """The resolved cost and prior of `PruneConfig(method="dirichlet")`."""
+  epochs: int
+  learning_rate: float
+  prior: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +42,19 @@ class PruneConfig:
       selection / gradient dropping).
     method: "random"; "magnitude" (keep the largest |w| of the current
       weights); "public_gradient" (largest |dL/dw| on public data);
-      "public_saliency" (largest |w * dL/dw| on public data, SNIP-like).
+      "public_saliency" (largest |w * dL/dw| on public data, SNIP-like);
+      "dirichlet" (freeze only, granularity "neuron": Dirichlet pruning,
+      Adamczewski & Park, AISTATS 2021 — keep the output units with the
+      largest posterior-mean importance, learned by variational inference
+      on public data; see `tfdpprune.dirichlet`). In freeze mode the public
+      methods average over all of `public_data`; in select mode every
+      re-draw scores the next `public_batch_size` public examples.
     sparsity: fraction in [0, 1) of eligible coordinates NOT updated.
     scope: "global" (one ranking over all eligible variables) or "per_layer"
       (each variable keeps its own 1 - sparsity).
     granularity: "weight" (coordinates), "neuron" (output units / channels) or
-      "layer" (whole variables; needs scope="global").
+      "layer" (whole variables; needs scope="global"). Default (None):
+      "neuron" for method="dirichlet" (its only granularity), else "weight".
     pruned: freeze only — "zero" (pre-pruning: pruned weights set to 0 and
       kept there) or "keep" (frozen at their current values). Default "zero".
     every_k_steps: select only — re-draw every k optimizer steps (k >= 1).
@@ -47,28 +64,54 @@ class PruneConfig:
       supported layer.
     weights: "kernel" (kernels and embeddings; biases and normalization
       parameters stay fully trained) or "all".
-    seed: the seed of random scores (with the step, for re-draws).
+    seed: the seed of public randomness: random scores (with the step, for
+      re-draws), the order of public batches, the Dirichlet samples.
+    public_batch_size: public examples per step of the methods that step
+      through public data (Dirichlet VI; public methods in select mode).
+      Default 64.
+    dirichlet_epochs: dirichlet only — passes over the public data of the
+      variational inference (its cost: `dirichlet_epochs *
+      max(1, N_public // public_batch_size)` forward and backward passes
+      with the weights fixed). Default 1.
+    dirichlet_learning_rate: dirichlet only — Adam step size on the log
+      concentrations. Default 0.1.
+    dirichlet_prior: dirichlet only — concentration of the symmetric
+      Dirichlet prior of every layer (also the initial posterior). Default 2.
 
   Example:
     >>> cfg = PruneConfig(mode="select", method="random", sparsity=0.9,
     ...                   every_k_steps=10)
+    >>> PruneConfig(method="dirichlet", sparsity=0.5).granularity
+    'neuron'
   """
   mode: str = "freeze"
   method: str = "random"
   sparsity: float = 0.9
   scope: str = "per_layer"
-  granularity: str = "weight"
+  granularity: Optional[str] = None
   pruned: Optional[str] = None
   every_k_steps: Optional[int] = None
   sparsity_schedule: Optional[Tuple[Tuple[int, float], ...]] = None
   layers: Optional[str] = None
   weights: str = "kernel"
   seed: int = 0
+  public_batch_size: Optional[int] = None
+  dirichlet_epochs: Optional[int] = None
+  dirichlet_learning_rate: Optional[float] = None
+  dirichlet_prior: Optional[float] = None
+
+  DEFAULT_PUBLIC_BATCH_SIZE = 64
+  DEFAULT_DIRICHLET_EPOCHS = 1
+  DEFAULT_DIRICHLET_LEARNING_RATE = 0.1
+  DEFAULT_DIRICHLET_PRIOR = 2.0
 
   def __post_init__(self):
     _one_of("mode", self.mode, _MODES)
     _one_of("method", self.method, _METHODS)
     _one_of("scope", self.scope, _SCOPES)
+    if self.granularity is None:
+      object.__setattr__(self, "granularity", "neuron"
+                         if self.method == "dirichlet" else "weight")
     _one_of("granularity", self.granularity, _GRANULARITIES)
     _one_of("weights", self.weights, _WEIGHTS)
     _check_sparsity("sparsity", self.sparsity)
@@ -87,10 +130,12 @@ class PruneConfig:
       if self.pruned is not None:
         raise ValueError(f"PruneConfig.pruned={self.pruned!r} is only used "
                          "with mode='freeze'")
-      if self.method in ("public_gradient", "public_saliency"):
+      if self.method == "dirichlet":
         raise ValueError(
-            f"PruneConfig.method={self.method!r} is supported with "
-            "mode='freeze'; with mode='select' use 'random' or 'magnitude'")
+            "PruneConfig.method='dirichlet' is supported with mode='freeze' "
+            "only (its variational inference runs once, before training); "
+            "with mode='select' use 'random', 'magnitude', 'public_gradient' "
+            "or 'public_saliency'")
       k = self.every_k_steps
       if k is not None and (isinstance(k, bool) or not isinstance(k, int) or
                             k < 1):
@@ -114,6 +159,65 @@ class PruneConfig:
             f"PruneConfig.layers={self.layers!r} is not a valid regex: {e}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       raise ValueError(f"PruneConfig.seed={self.seed!r} must be an integer")
+    self._check_public_fields()
+
+  def _check_public_fields(self):
+    if self.method == "dirichlet" and self.granularity != "neuron":
+      raise ValueError(
+          f"PruneConfig.granularity={self.granularity!r} is not allowed with "
+          "method='dirichlet'; allowed: 'neuron' (Dirichlet pruning ranks "
+          "the output units of layers)")
+    if self.public_batch_size is not None:
+      if not self.steps_through_public_data:
+        raise ValueError(
+            f"PruneConfig.public_batch_size={self.public_batch_size!r} is "
+            "only used with method='dirichlet', or with mode='select' and "
+            "method='public_gradient' or 'public_saliency'")
+      _check_int("public_batch_size", self.public_batch_size, 1)
+    for name in ("dirichlet_epochs", "dirichlet_learning_rate",
+                 "dirichlet_prior"):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      if self.method != "dirichlet":
+        raise ValueError(f"PruneConfig.{name}={value!r} is only used with "
+                         "method='dirichlet'")
+      if name == "dirichlet_epochs":
+        _check_int(name, value, 1)
+      elif (isinstance(value, bool) or not isinstance(value, (int, float)) or
+            not 0 < value < float("inf")):
+        raise ValueError(f"PruneConfig.{name}={value!r} must be a finite "
+                         "number > 0")
+
+  @property
+  def uses_public_data(self) -> bool:
+    """Whether the masks are computed from `public_data`."""
+    return self.method in PUBLIC_GRADIENT_METHODS or self.method == "dirichlet"
+
+  @property
+  def steps_through_public_data(self) -> bool:
+    """Whether the method reads public data batch by batch."""
+    return self.method == "dirichlet" or (
+        self.mode == "select" and self.method in PUBLIC_GRADIENT_METHODS)
+
+  @property
+  def effective_public_batch_size(self) -> Optional[int]:
+    if not self.steps_through_public_data:
+      return None
+    return self.public_batch_size or self.DEFAULT_PUBLIC_BATCH_SIZE
+
+  @property
+  def effective_dirichlet(self) -> Optional[DirichletSettings]:
+    """The Dirichlet VI's settings (defaults filled in), or None."""
+    if self.method != "dirichlet":
+      return None
+    def pick(value, default):
+      return default if value is None else value
+    return DirichletSettings(
+        epochs=pick(self.dirichlet_epochs, self.DEFAULT_DIRICHLET_EPOCHS),
+        learning_rate=float(pick(self.dirichlet_learning_rate,
+                                 self.DEFAULT_DIRICHLET_LEARNING_RATE)),
+        prior=float(pick(self.dirichlet_prior, self.DEFAULT_DIRICHLET_PRIOR)))
 
   @property
   def effective_pruned(self) -> Optional[str]:
@@ -139,6 +243,12 @@ class PruneConfig:
     if d.get("sparsity_schedule") is not None:
       d["sparsity_schedule"] = tuple(tuple(p) for p in d["sparsity_schedule"])
     return cls(**d)
+
+
+def _check_int(name, value, minimum):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"PruneConfig.{name}={value!r} must be an integer >= "
+                     f"{minimum}")
 
 
 def _check_sparsity(name, value):
@@ -238,7 +348,7 @@ class TrainConfig:
     if self.public_pretrain_epochs and not has_public:
       fail("public_pretrain_epochs",
            "needs public data: --public_dataset or --public_fraction")
-    if (self.prune is not None and self.prune.method.startswith("public") and
+    if (self.prune is not None and self.prune.uses_public_data and
         not has_public):
       raise ValueError(
           f"--prune_method={self.prune.method!r} needs public data: give "

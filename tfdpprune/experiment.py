@@ -151,8 +151,7 @@ def build_model(config: TrainConfig, dataset, public):
     model.fit(data_lib.shuffled_batches(*public, config.batch_size,
                                         seed=config.seed),
               epochs=config.public_pretrain_epochs, verbose=0)
-  needs_public = (config.prune is not None and
-                  config.prune.method.startswith("public"))
+  needs_public = config.prune is not None and config.prune.uses_public_data
   return pruning.prune(model, config.prune,
                        public_data=public if needs_public else None)
 

@@ -2,22 +2,27 @@
 
 A mask is 1 where a coordinate is updated and 0 where it is not. Masks are
 computed from public inputs only: the seed (and the step, for re-draws), the
-current weights (already released), or gradients on `public_data`. Random
-scores come from a stream derived from the seed for masks alone
-(`randomness.derived_key(seed, "masks")`), unrelated to the secret keys of
-DP noise and Poisson sampling.
+current weights (already released), gradients on `public_data` or unit
+importances learned on it (`dirichlet.py`). Random scores come from a stream
+derived from the seed for masks alone (`randomness.derived_key(seed,
+"masks")`), unrelated to the secret keys of DP noise and Poisson sampling.
 
 The same functions run eagerly (freeze mode, once, in `prune`) and in graph
 (select mode, every k optimizer steps, inside the training step), so a
-resumed run re-draws exactly what an uninterrupted one does.
+resumed run re-draws exactly what an uninterrupted one does. Select-mode
+public methods score re-draw d on public batch d (`public.PublicBatches`),
+also a function of the seed and d only.
 """
 
 import re
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
+
 from tfdpprune import randomness
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
+from tfdpprune.config import PUBLIC_GRADIENT_METHODS
 from tfdpprune.config import PruneConfig
 
 # Roles eligible by default (`weights="kernel"`); biases and normalization
@@ -32,8 +37,10 @@ def is_kernel_role(role: str) -> bool:
 
 # A masked layer is anything with the `PruneWrapper` protocol: `layer`,
 # `name`, `roles()` (trainable variables by role), `mask(role)`,
-# `select_masks`, `select_roles`, `select_config` and `selector`. Mask math
-# knows the protocol, not the wrapper class (pruning.py builds on masks.py).
+# `select_masks`, `select_roles`, `select_config`, `selector`,
+# `public_scorer` (select-mode public methods: a `public.PublicScorer`) and
+# `importance` (a variable of unit importances, or None). Mask math knows the
+# protocol, not the wrapper class (pruning.py builds on masks.py).
 Entry = Tuple[object, str, tf.Variable]
 
 
@@ -132,7 +139,8 @@ def coordinate_scores(config: PruneConfig, variables, public_grads=None):
 
 def compute_masks(config: PruneConfig, variables, *, draw=0, sparsity=None,
                   public_grads=None):
-  """Full-shape float masks of `variables` under `config`.
+  """Full-shape float masks of `variables` under `config` (coordinate-scored
+  methods: random, magnitude, public_gradient, public_saliency).
 
   Args:
     config: the `PruneConfig`.
@@ -140,7 +148,8 @@ def compute_masks(config: PruneConfig, variables, *, draw=0, sparsity=None,
     draw: the re-draw index (step // k in select mode); with `seed` it keys
       the random scores, so a resumed run draws the same masks.
     sparsity: overrides `config.sparsity` (a scalar tensor in select mode).
-    public_grads: gradients on public data (public methods).
+    public_grads: gradients on public data (public methods; in select mode
+      on the public batch of this re-draw).
   """
   sparsity = config.sparsity if sparsity is None else sparsity
   layouts = [_units(v.shape, config.granularity) for v in variables]
@@ -166,50 +175,59 @@ def compute_masks(config: PruneConfig, variables, *, draw=0, sparsity=None,
           for k, v in zip(keeps, variables)]
 
 
-def public_gradients(model, variables, public_data, batch_size=256):
-  """Mean gradient of the model's loss on `public_data` (never private data).
+def unit_masks(config: PruneConfig, unit_scores, layer_variables):
+  """Masks from scores of output units shared by several variables.
 
-  `public_data` is a `tf.data.Dataset` of `(x, y)` batches or an `(x, y)`
-  pair of arrays. The loss is sparse categorical cross-entropy (from logits
-  unless the last layer applies a softmax).
+  For `granularity="neuron"` methods that score a layer's output units
+  directly (Dirichlet pruning): unit j of a layer is the slice `[..., j]` of
+  each of its variables, kept or pruned as a whole.
+
+  Args:
+    config: the `PruneConfig` (scope, sparsity).
+    unit_scores: per layer, a `[n]` score of its output units (higher =
+      kept). Under scope="global" scores are compared across layers.
+    layer_variables: per layer, its eligible variables, each `[..., n]`.
+
+  Returns:
+    Per layer, the full-shape float masks of its variables.
   """
-  if public_data is None:
-    raise ValueError("public_data is required by the public_gradient and "
-                     "public_saliency methods")
-  if isinstance(public_data, tf.data.Dataset):
-    dataset = public_data
+  scores = [tf.convert_to_tensor(s, tf.float32) for s in unit_scores]
+  for s, variables in zip(scores, layer_variables):
+    for v in variables:
+      if (v.shape[-1] if v.shape.rank else 1) != s.shape[0]:
+        raise ValueError(f"variable {v.name} of shape {v.shape} does not "
+                         f"have {s.shape[0]} units on its last axis")
+  sizes = [tf.fill(tf.shape(s), float(sum(
+      v.shape.num_elements() // s.shape[0] for v in variables)))
+           for s, variables in zip(scores, layer_variables)]
+  counts = [int(s.shape[0]) for s in scores]
+  if config.scope == "global":
+    keep = keep_units(tf.concat(scores, 0), tf.concat(sizes, 0),
+                      config.sparsity)
+    keeps = tf.split(keep, counts) if len(counts) > 1 else [keep]
   else:
-    x, y = public_data
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-  last = model.layers[-1]
-  last = getattr(last, "layer", last)
-  softmax = getattr(last, "activation", None) is keras.activations.softmax
-  loss_fn = keras.losses.SparseCategoricalCrossentropy(
-      from_logits=not softmax, reduction=keras.losses.Reduction.SUM)
-  totals = [tf.zeros_like(v) for v in variables]
-  count = 0
-  for batch in dataset:
-    x, y = batch[0], batch[1]
-    with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=False))
-    grads = tape.gradient(loss, variables,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    totals = [t + tf.convert_to_tensor(g) for t, g in zip(totals, grads)]
-    count += int(tf.shape(x)[0])
-  if count == 0:
-    raise ValueError("public_data is empty")
-  return [t / count for t in totals]
+    keeps = [keep_units(s, z, config.sparsity) for s, z in zip(scores, sizes)]
+  return [[tf.cast(_expand(k, v.shape, "neuron"), v.dtype) for v in variables]
+          for k, variables in zip(keeps, layer_variables)]
 
 
 # -- selection (select mode) --------------------------------------------------
 
 
 class Selector:
-  """Re-draws the select masks of some wrappers every k optimizer steps."""
+  """Re-draws the select masks of some wrappers every k optimizer steps.
 
-  def __init__(self, config: PruneConfig, entries: Sequence[Entry]):
+  Public methods score re-draw d = step // k on public batch d, with
+  `scorer` (a `public.PublicScorer`).
+  """
+
+  def __init__(self, config: PruneConfig, entries: Sequence[Entry],
+               scorer=None):
+    if config.method in PUBLIC_GRADIENT_METHODS and scorer is None:
+      raise ValueError("a select-mode public method needs a public scorer")
     self.config = config
     self.entries = list(entries)
+    self.scorer = scorer
 
   def sparsity_at(self, step):
     sparsity = tf.constant(self.config.sparsity, tf.float32)
@@ -220,8 +238,11 @@ class Selector:
 
   def _draw(self, step):
     k = self.config.effective_every_k_steps
-    return compute_masks(self.config, [v for _, _, v in self.entries],
-                         draw=step // k, sparsity=self.sparsity_at(step))
+    variables = [v for _, _, v in self.entries]
+    grads = (None if self.scorer is None else
+             self.scorer.gradients(variables, step // k))
+    return compute_masks(self.config, variables, draw=step // k,
+                         sparsity=self.sparsity_at(step), public_grads=grads)
 
   def _mask_variables(self):
     return [w.select_masks[role] for w, role, _ in self.entries]
@@ -260,7 +281,17 @@ def selectors(owners: Sequence[object]) -> List[Selector]:
   for config, ws in groups.items():
     entries = [(w, role, w.roles()[role]) for w in ws
                for role in w.select_roles]
-    selector = Selector(config, entries)
+    scorer = None
+    if config.method in PUBLIC_GRADIENT_METHODS:
+      scorer = ws[0].public_scorer
+      if scorer is None:
+        raise ValueError(
+            f"layer {ws[0].layer.name!r} re-draws its selection with "
+            f"method={config.method!r}, which scores public data, but the "
+            "model has none (a model loaded from a file does not carry its "
+            "public data): call tdp.attach_public_data(model, "
+            "(x_public, y_public)) before training it")
+    selector = Selector(config, entries, scorer)
     for w in ws:
       object.__setattr__(w, "selector", selector)
   out, seen = [], set()
@@ -294,3 +325,15 @@ def density(model) -> Dict[str, float]:
   out["overall"] = updated / total if total else 1.0
   return out
 
+
+def importances(model) -> Dict[str, np.ndarray]:
+  """Learned unit importances (Dirichlet pruning), by layer name.
+
+  Example:
+    >>> pm = tdp.prune(model, tdp.PruneConfig(method="dirichlet",
+    ...                                       sparsity=0.5),
+    ...                public_data=(x_public, y_public))
+    >>> tdp.masks.importances(pm)["dense1"]    # posterior means, sum to 1
+  """
+  return {w.layer.name: w.importance.numpy() for w in masked_layers(model)
+          if getattr(w, "importance", None) is not None}

@@ -11,7 +11,11 @@ Masks gate updates, not the forward pass: a coordinate with mask 0 is not
 clipped, noised or moved by the DP optimizer. Two masks per variable can be
 active, a *freeze* mask (fixed for the run: pre-pruning / parameter
 freezing) and a *select* mask (re-drawn in graph every k steps: parameter
-selection); the updated set is their product.
+selection); the updated set is their product. A wrapper pruned by Dirichlet
+pruning also holds the learned importance of each output unit.
+
+Public data reach masks only through `prune(..., public_data=...)` and
+`attach_public_data`, never through the private training data.
 """
 
 import inspect
@@ -21,12 +25,15 @@ import weakref
 from absl import logging
 
 from tfdpprune import config as config_lib
+from tfdpprune import dirichlet
 from tfdpprune import masks
 from tfdpprune import per_example
 from tfdpprune import per_example_attention  # pylint: disable=unused-import  (registers samplers)
 from tfdpprune import per_example_conv  # pylint: disable=unused-import  (registers samplers)
 from tfdpprune import per_example_generic
 from tfdpprune import per_example_rnn  # pylint: disable=unused-import  (registers samplers)
+from tfdpprune import public
+from tfdpprune import randomness
 from tfdpprune import validation
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -90,11 +97,15 @@ class PruneWrapper(keras.layers.Wrapper):
       (all zeros or all ones); coarser structures allow cheaper clipping.
     select_config: the select-mode `PruneConfig` (or its dict) that re-draws
       the select masks during training.
+    importance_units: if set, the wrapper holds `importance`, a
+      non-trainable `[importance_units]` variable of unit importances
+      (Dirichlet pruning), saved with the model.
   """
 
   def __init__(self, layer, freeze_roles: Sequence[str] = (),
                select_roles: Sequence[str] = (), mask_structure="weight",
-               select_config=None, **kwargs):
+               select_config=None, importance_units: Optional[int] = None,
+               **kwargs):
     sampler = choose_sampler(layer)
     if sampler is None:
       raise ValueError(
@@ -120,6 +131,11 @@ class PruneWrapper(keras.layers.Wrapper):
     object.__setattr__(self, "select_config", select_config)
     # Built by `masks.selectors` on first use: re-draws the select masks.
     object.__setattr__(self, "selector", None)
+    # Select-mode public methods: a `public.PublicScorer` (in memory only;
+    # `attach_public_data` gives it back to a loaded model).
+    object.__setattr__(self, "public_scorer", None)
+    self.importance_units = importance_units
+    self.importance = None
 
   def build(self, input_shape):
     if not self.layer.built:
@@ -134,8 +150,45 @@ class PruneWrapper(keras.layers.Wrapper):
       self._make_mask("freeze", role)
     for role in self.select_roles:
       self._make_mask("select", role)
+    if self.importance_units is not None:
+      self._make_importance()
     for var in roles.values():
       _OWNER[var.ref()] = self
+
+  def _make_importance(self):
+    self.importance = self.add_weight(
+        name="unit_importance", shape=[self.importance_units],
+        dtype=tf.float32, initializer="zeros", trainable=False,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  def set_importance(self, values):
+    """Stores unit importances (created on first use, after build)."""
+    values = tf.convert_to_tensor(values, tf.float32)
+    if self.importance is None:
+      self.importance_units = int(values.shape[0])
+      self._make_importance()
+    self.importance.assign(values)
+
+  def _saved_variables(self):
+    """The wrapper's own variables in a canonical order (freeze masks,
+    select masks, importance), whatever order they were added in."""
+    out = [self.freeze_masks[r] for r in self.freeze_roles]
+    out += [self.select_masks[r] for r in self.select_roles]
+    if self.importance is not None:
+      out.append(self.importance)
+    return out
+
+  def save_own_variables(self, store):
+    for i, v in enumerate(self._saved_variables()):
+      store[f"{i}"] = v.numpy()
+
+  def load_own_variables(self, store):
+    variables = self._saved_variables()
+    if len(store.keys()) != len(variables):
+      raise ValueError(f"layer {self.name!r} expected {len(variables)} "
+                       f"variables, but the file has {len(store.keys())}")
+    for i, v in enumerate(variables):
+      v.assign(store[f"{i}"])
 
   def _make_mask(self, kind, role):
     var = self.roles()[role]
@@ -232,7 +285,8 @@ class PruneWrapper(keras.layers.Wrapper):
                   select_roles=list(self.select_roles),
                   mask_structure=self.mask_structure,
                   select_config=(None if self.select_config is None else
-                                 self.select_config.to_dict()))
+                                 self.select_config.to_dict()),
+                  importance_units=self.importance_units)
     return config
 
 
@@ -369,8 +423,12 @@ def prune(model, config=None, *, public_data=None):
       (e.g. a freeze and a select config: the updated set is their
       intersection); None only wraps the layers for fast per-example
       gradients, with every coordinate trained.
-    public_data: public examples for the public-data mask methods; never the
-      private training data.
+    public_data: public examples for the public-data mask methods
+      (public_gradient, public_saliency, dirichlet): `(x, y)` arrays or a
+      `tf.data` dataset of `(x, y)`, read once; never the private training
+      data. Select-mode public methods keep it in memory to score every
+      re-draw; a model loaded from a file gets it back with
+      `attach_public_data`.
 
   Returns:
     A model over the same variable objects, with `PruneWrapper` layers.
@@ -378,17 +436,20 @@ def prune(model, config=None, *, public_data=None):
   if config is None:
     if public_data is not None:
       raise ValueError("public_data is only used with a PruneConfig whose "
-                       "method is public_gradient or public_saliency")
+                       "method is public_gradient, public_saliency or "
+                       "dirichlet")
     return wrap(model)
   configs = ([config] if isinstance(config, config_lib.PruneConfig)
              else list(config))
   for c in configs:
     if not isinstance(c, config_lib.PruneConfig):
       raise TypeError(f"config must be a PruneConfig, got {type(c).__name__}")
-  if public_data is not None and not any(
-      c.method.startswith("public") for c in configs):
-    raise ValueError("public_data is only used by the public_gradient and "
-                     "public_saliency methods")
+  uses_public = [c for c in configs if c.uses_public_data]
+  if public_data is not None and not uses_public:
+    raise ValueError("public_data is only used by the public_gradient, "
+                     "public_saliency and dirichlet methods")
+  if uses_public:
+    public_data = public.as_arrays(public_data)  # read once
   if not model.built:
     raise ValueError(
         "tdp.prune(model, config) needs a built model, since masks are chosen "
@@ -400,6 +461,43 @@ def prune(model, config=None, *, public_data=None):
   return model
 
 
+def attach_public_data(model, public_data):
+  """Gives the select-mode public methods of `model` their public data.
+
+  `tdp.prune(..., public_data=...)` does this; a model loaded from a file
+  (or restored into a model built without it) needs it before it trains on:
+  each re-draw d of `PruneConfig(mode="select", method="public_gradient" |
+  "public_saliency")` scores public batch d, which depends only on (seed,
+  d, public data), so the same public data give the same re-draws.
+
+  The model's traced train function (if any) is dropped, so that the next
+  `fit` or `train_on_batch` traces one that scores these data.
+
+  Args:
+    model: a model from `tdp.prune` or `keras.models.load_model`.
+    public_data: `(x, y)` arrays or a `tf.data` dataset; never private data.
+  """
+  owners = {}
+  for w in wrappers(model):
+    c = w.select_config
+    if c is not None and c.method in config_lib.PUBLIC_GRADIENT_METHODS:
+      owners.setdefault(c, []).append(w)
+  if not owners:
+    raise ValueError("attach_public_data: no layer of this model re-draws "
+                     "its selection with a public-data method")
+  x, y = public.as_arrays(public_data)
+  scoring_model = strip(model)  # same variables, nothing recorded
+  for c, ws in owners.items():
+    key = randomness.derived_key(c.seed, randomness.PUBLIC_BATCHES)
+    scorer = public.PublicScorer(scoring_model, public.PublicBatches(
+        x, y, c.effective_public_batch_size, key))
+    for w in ws:
+      object.__setattr__(w, "public_scorer", scorer)
+      w.set_select_config(c)  # rebuilds the selector with the scorer
+  if getattr(model, "train_function", None) is not None:
+    model.train_function = None  # traced with the previous (or no) scorer
+
+
 def _add_masks(model, c, public_data):
   """Adds the masks of one `PruneConfig` to a wrapped model."""
   entries = masks.eligible(wrappers(model), c)
@@ -408,13 +506,16 @@ def _add_masks(model, c, public_data):
     raise ValueError(f"PruneConfig.layers={c.layers!r} with weights="
                      f"{c.weights!r} selects no variable; supported layers "
                      f"of this model: {names}")
+  if c.method == "dirichlet":
+    _add_dirichlet_masks(model, c, entries, public_data)
+    return
   kind = "freeze" if c.mode == "freeze" else "select"
   for w, role, _ in entries:
     w.add_masks(kind, [role], c.granularity)
   variables = [v for _, _, v in entries]
   if c.mode == "freeze":
-    grads = (masks.public_gradients(model, variables, public_data)
-             if c.method.startswith("public") else None)
+    grads = (public.mean_gradients(model, variables, *public_data)
+             if c.uses_public_data else None)
     for (w, role, var), m in zip(entries, masks.compute_masks(
         c, variables, public_grads=grads)):
       w.freeze_masks[role].assign(m)
@@ -423,5 +524,40 @@ def _add_masks(model, c, public_data):
   else:
     for w, _, _ in entries:
       w.set_select_config(c)
+    if c.uses_public_data:
+      attach_public_data(model, public_data)
     masks.selectors(list({id(w): w for w, _, _ in entries}.values()))
     entries[0][0].selector.redraw(0)
+
+
+def _add_dirichlet_masks(model, c, entries, public_data):
+  """Freeze masks of whole output units ranked by Dirichlet pruning."""
+  roles = {}
+  for w, role, var in entries:
+    roles.setdefault(w, []).append((role, var))
+  plain = strip(model)  # the same layers and variables, nothing recorded
+  gated = {id(l) for l in dirichlet.gated_layers(plain,
+                                                 [w.layer for w in roles])}
+  owners = [w for w in roles if id(w.layer) in gated]
+  if not owners:
+    raise ValueError(
+        f"PruneConfig(method='dirichlet', layers={c.layers!r}) selects only "
+        "layers producing the model's outputs, which Dirichlet pruning never "
+        f"prunes; layers of this model: {[w.layer.name for w in roles]}")
+  units = [int(roles[w][0][1].shape[-1]) for w in owners]
+  found = dirichlet.importances(
+      plain, [w.layer for w in owners], units, public_data,
+      c.effective_dirichlet, batch_size=c.effective_public_batch_size,
+      seed=c.seed)
+  # Posterior means sum to 1 per layer; n * mean (1 = a uniform share)
+  # compares units across layers of different widths (scope="global").
+  layer_masks = masks.unit_masks(
+      c, [n * f for n, f in zip(units, found)],
+      [[v for _, v in roles[w]] for w in owners])
+  for w, importance, ms in zip(owners, found, layer_masks):
+    w.add_masks("freeze", [r for r, _ in roles[w]], "neuron")
+    w.set_importance(importance)
+    for (role, var), m in zip(roles[w], ms):
+      w.freeze_masks[role].assign(m)
+      if c.effective_pruned == "zero":
+        var.assign(var * m)

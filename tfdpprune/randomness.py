@@ -12,7 +12,8 @@ seed).
 `private_key(purpose, noise_seed)` gives both kinds of key.
 
 Everything else (initialization, random mask scores, the public/private
-split, public pre-training) is public and comes from the user's `--seed`.
+split, public pre-training, the order of public batches and the samples of
+Dirichlet pruning) is public and comes from the user's `--seed`.
 Public streams are derived with `derived_key(seed, purpose)`, a SHA-256 of the
 purpose and the seed, so no two purposes share a stream: a released random
 mask says nothing about the sampling keys, even when the same integer is
@@ -33,6 +34,9 @@ Key = Tuple[int, int]
 
 # Purposes of the derived (public or explicitly seeded) streams.
 NOISE, SAMPLING, MASKS = "noise", "sampling", "masks"
+# Public streams of the public-data mask methods: the order of public
+# batches, and the Dirichlet samples of Dirichlet pruning's inference.
+PUBLIC_BATCHES, DIRICHLET = "public_batches", "dirichlet"
 
 
 def _int64(value: int) -> int:

@@ -97,10 +97,13 @@ _P = PruneConfig()
 flags.DEFINE_enum("prune_mode", "none", ["none", "freeze", "select"],
                   "PruneConfig.mode; none trains every coordinate.")
 flags.DEFINE_string("prune_method", _P.method, "PruneConfig.method: random | "
-                    "magnitude | public_gradient | public_saliency.")
+                    "magnitude | public_gradient | public_saliency | "
+                    "dirichlet (public methods need --public_fraction or "
+                    "--public_dataset).")
 flags.DEFINE_float("sparsity", _P.sparsity, "PruneConfig.sparsity, [0, 1).")
 flags.DEFINE_string("prune_scope", _P.scope, "PruneConfig.scope.")
-flags.DEFINE_string("granularity", _P.granularity, "PruneConfig.granularity.")
+flags.DEFINE_string("granularity", None, "PruneConfig.granularity (default: "
+                    "neuron for --prune_method=dirichlet, else weight).")
 flags.DEFINE_string("pruned", None, "PruneConfig.pruned (freeze): zero|keep.")
 flags.DEFINE_integer("every_k_steps", None, "PruneConfig.every_k_steps.")
 flags.DEFINE_list("sparsity_schedule", None, "PruneConfig.sparsity_schedule "
@@ -108,6 +111,17 @@ flags.DEFINE_list("sparsity_schedule", None, "PruneConfig.sparsity_schedule "
 flags.DEFINE_string("prune_layers", None, "PruneConfig.layers (regex).")
 flags.DEFINE_string("prune_weights", _P.weights, "PruneConfig.weights.")
 flags.DEFINE_integer("prune_seed", None, "PruneConfig.seed (default --seed).")
+flags.DEFINE_integer("public_batch_size", None, "PruneConfig.public_batch_size"
+                     ": public examples per Dirichlet step or select re-draw "
+                     f"(default {PruneConfig.DEFAULT_PUBLIC_BATCH_SIZE}).")
+flags.DEFINE_integer("dirichlet_epochs", None, "PruneConfig.dirichlet_epochs "
+                     "(default "
+                     f"{PruneConfig.DEFAULT_DIRICHLET_EPOCHS}).")
+flags.DEFINE_float("dirichlet_learning_rate", None,
+                   "PruneConfig.dirichlet_learning_rate (default "
+                   f"{PruneConfig.DEFAULT_DIRICHLET_LEARNING_RATE}).")
+flags.DEFINE_float("dirichlet_prior", None, "PruneConfig.dirichlet_prior "
+                   f"(default {PruneConfig.DEFAULT_DIRICHLET_PRIOR}).")
 
 FLAGS = flags.FLAGS
 
@@ -118,7 +132,10 @@ _PRUNE_FLAGS = {"mode": "prune_mode", "method": "prune_method",
                 "every_k_steps": "every_k_steps",
                 "sparsity_schedule": "sparsity_schedule",
                 "layers": "prune_layers", "weights": "prune_weights",
-                "seed": "prune_seed"}
+                "seed": "prune_seed", "public_batch_size": "public_batch_size",
+                "dirichlet_epochs": "dirichlet_epochs",
+                "dirichlet_learning_rate": "dirichlet_learning_rate",
+                "dirichlet_prior": "dirichlet_prior"}
 
 
 def _prune_config():
@@ -139,7 +156,11 @@ def _prune_config():
         granularity=FLAGS.granularity, pruned=FLAGS.pruned,
         every_k_steps=FLAGS.every_k_steps, sparsity_schedule=schedule,
         layers=FLAGS.prune_layers, weights=FLAGS.prune_weights,
-        seed=FLAGS.seed if FLAGS.prune_seed is None else FLAGS.prune_seed)
+        seed=FLAGS.seed if FLAGS.prune_seed is None else FLAGS.prune_seed,
+        public_batch_size=FLAGS.public_batch_size,
+        dirichlet_epochs=FLAGS.dirichlet_epochs,
+        dirichlet_learning_rate=FLAGS.dirichlet_learning_rate,
+        dirichlet_prior=FLAGS.dirichlet_prior)
   except ValueError as e:
     message = str(e)
     for field, flag in _PRUNE_FLAGS.items():
