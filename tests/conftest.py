@@ -53,3 +53,26 @@ def _files_holding(root, keys):
 def key_files_holding():
   """`(root, keys) -> files` holding a key: an attacker's search."""
   return _files_holding
+
+
+class SpyDataset:
+  """A tf.data pipeline of `(x, y)` batches that counts the examples read
+  (to show a mask method reads only the data set it is given)."""
+
+  def __init__(self, x, y, batch_size=4):
+    from tfdpprune._compat import tf  # pylint: disable=g-import-not-at-top
+    self.reads = 0
+
+    def gen():
+      for i in range(len(x)):
+        self.reads += 1
+        yield x[i], y[i]
+    self.dataset = tf.data.Dataset.from_generator(
+        gen, output_signature=(tf.TensorSpec(x.shape[1:], tf.float32),
+                               tf.TensorSpec((), tf.int64))).batch(batch_size)
+
+
+@pytest.fixture
+def spy_dataset():
+  """`SpyDataset(x, y, batch_size)`."""
+  return SpyDataset

@@ -115,25 +115,11 @@ def test_global_scope_prunes_whole_units_across_layers():
   assert abs(pruned - 0.5 * total) <= 10  # one unit of h1 at most
 
 
-class _SpyDataset:
-  """A tf.data pipeline of `(x, y)` batches that counts the examples read."""
-
-  def __init__(self, x, y):
-    self.reads = 0
-
-    def gen():
-      for i in range(len(x)):
-        self.reads += 1
-        yield x[i], y[i]
-    self.dataset = tf.data.Dataset.from_generator(
-        gen, output_signature=(tf.TensorSpec(x.shape[1:], tf.float32),
-                               tf.TensorSpec((), tf.int64))).batch(8)
-
-
-def test_reads_only_public_data_and_depends_on_it():
+def test_reads_only_public_data_and_depends_on_it(spy_dataset):
   x_pub, y_pub = _data(32, seed=1)
   x_priv, y_priv = _data(32, seed=2)
-  public, private = _SpyDataset(x_pub, y_pub), _SpyDataset(x_priv, y_priv)
+  public = spy_dataset(x_pub, y_pub, batch_size=8)
+  private = spy_dataset(x_priv, y_priv, batch_size=8)
   cfg = tdp.PruneConfig(method="dirichlet", sparsity=0.5, pruned="keep",
                         dirichlet_epochs=2, public_batch_size=8)
   pm = tdp.prune(_mlp(), cfg, public_data=public.dataset)

@@ -161,26 +161,12 @@ def test_magnitude_keeps_the_largest_weights():
     assert np.abs(w[m == 1]).min() >= np.abs(w[m == 0]).max()
 
 
-class _SpyDataset:
-  """Wraps arrays in a tf.data pipeline that records every element read."""
-
-  def __init__(self, x, y):
-    self.reads = 0
-
-    def gen():
-      for i in range(len(x)):
-        self.reads += 1
-        yield x[i], y[i]
-    self.dataset = tf.data.Dataset.from_generator(
-        gen, output_signature=(tf.TensorSpec(x.shape[1:], tf.float32),
-                               tf.TensorSpec((), tf.int64))).batch(4)
-
-
 @pytest.mark.parametrize("method", ["public_gradient", "public_saliency"])
-def test_public_methods_read_only_public_data(method):
+def test_public_methods_read_only_public_data(method, spy_dataset):
   x_pub, y_pub = _data(8, seed=1)
   x_priv, y_priv = _data(8, seed=2)
-  public, private = _SpyDataset(x_pub, y_pub), _SpyDataset(x_priv, y_priv)
+  public = spy_dataset(x_pub, y_pub, batch_size=4)
+  private = spy_dataset(x_priv, y_priv, batch_size=4)
   cfg = tdp.PruneConfig(method=method, sparsity=0.5, pruned="keep")
   pm = tdp.prune(_cnn(), cfg, public_data=public.dataset)
   assert public.reads == 8 and private.reads == 0
