@@ -443,3 +443,15 @@ def test_results_hold_no_data_fingerprint_and_runs_are_unlinkable(tmp_path):
     assert saved.data_fingerprint not in text
     assert "fingerprint" not in json.loads(text)["ledger"]
   assert prints[0] != prints[1]  # same data, per-run salts
+
+
+def test_validation_split_is_carved_from_the_private_training_set(tmp_path):
+  workdir = str(tmp_path / "run")
+  results = experiment.run(TrainConfig(steps=3, validation_fraction=0.1),
+                           workdir, verbose=0)
+  assert results["num_examples"] + results["num_validation"] == 1437
+  assert results["num_validation"] == 143
+  assert 0 <= results["validation_accuracy"] <= 1
+  assert "outside the DP guarantee" in results["validation_note"]
+  assert "validation_accuracy" not in experiment.run(
+      TrainConfig(steps=3), str(tmp_path / "plain"), verbose=0)

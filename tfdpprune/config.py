@@ -266,6 +266,12 @@ class TrainConfig:
   Data-dependent checks (delta < 1/N, the data set and model names) happen
   when the run starts, with messages naming the flag.
 
+  `validation_fraction` > 0 holds out that fraction of the private training
+  set as a validation set for hyper-parameter tuning: training (and N) use
+  the rest, evaluation during training uses the validation set, and its
+  metrics (computed on private examples, outside the DP guarantee) are
+  reported as such; the test set stays untouched for final numbers.
+
   `seed` seeds public things only (initialization, random mask scores, the
   public/private split, public pre-training). DP noise and Poisson sampling
   are secret (OS entropy) unless `noise_seed` is given, which makes them
@@ -278,6 +284,7 @@ class TrainConfig:
   model: str = "mlp"
   public_dataset: Optional[str] = None
   public_fraction: float = 0.0
+  validation_fraction: float = 0.0
   public_pretrain_epochs: int = 0
   batch_size: int = 128
   epochs: Optional[float] = None     # default 30 when --steps is not given
@@ -338,6 +345,8 @@ class TrainConfig:
       fail("accountant", "must be 'rdp' or 'pld'")
     if not 0 <= self.public_fraction < 1:
       fail("public_fraction", "must be in [0, 1)")
+    if not 0 <= self.validation_fraction < 1:
+      fail("validation_fraction", "must be in [0, 1)")
     if self.public_fraction > 0 and self.public_dataset is not None:
       raise ValueError("give at most one of --public_dataset and "
                        "--public_fraction")

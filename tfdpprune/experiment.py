@@ -18,6 +18,7 @@ from tfdpprune import callbacks as callbacks_lib
 from tfdpprune import data as data_lib
 from tfdpprune import ledger as ledger_lib
 from tfdpprune import masks as masks_lib
+from tfdpprune import randomness
 from tfdpprune import models as models_lib
 from tfdpprune import pruning
 from tfdpprune._compat import keras
@@ -47,7 +48,11 @@ def _flag_error(flag, value, error):
 
 
 def load_data(config: TrainConfig):
-  """(private Dataset, public (x, y) or None), never counting public in N."""
+  """(private Dataset, public (x, y) or None), never counting public in N.
+
+  With `validation_fraction`, the returned Dataset's training part excludes
+  the validation examples; see `validation_split`.
+  """
   try:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
   except (ValueError, FileNotFoundError) as e:
@@ -80,6 +85,15 @@ def load_data(config: TrainConfig):
   return dataset, public
 
 
+def validation_split(config: TrainConfig, dataset):
+  """`(training Dataset, (x_val, y_val) or None)`: the held-out validation
+  part of the private training set (a public, seeded choice of examples)."""
+  if not config.validation_fraction:
+    return dataset, None
+  seed = randomness.derived_key(config.seed, "validation")[0] % 2**32
+  return data_lib.split_public(dataset, config.validation_fraction, seed)
+
+
 def plan(config: TrainConfig, num_examples: int):
   """(steps, sampling probability, noise multiplier) of the run."""
   if config.delta >= 1.0 / num_examples:
@@ -101,6 +115,7 @@ def plan(config: TrainConfig, num_examples: int):
 
 # The flags a run's epsilon depends on: a resume must not change them.
 PRIVACY_FLAGS = ("dataset", "data_dir", "public_dataset", "public_fraction",
+                 "validation_fraction",
                  "batch_size", "epochs", "steps", "noise_multiplier",
                  "target_epsilon", "l2_norm_clip", "delta", "accountant",
                  "noise_seed")
@@ -301,6 +316,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
 
   # -- input -----------------------------------------------------------------
   dataset, public = load_data(config)
+  dataset, validation = validation_split(config, dataset)
   n = dataset.num_train
   steps, q, sigma = plan(config, n)
   logging.info("N=%d private examples, q=%.4g, %d steps, sigma=%.4f", n, q,
@@ -346,12 +362,15 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   train = data_lib.distributed_poisson_batches(
       strategy, dataset.x_train, dataset.y_train, q, steps,
       seed=config.noise_seed, start_step=start)
-  test = data_lib.shuffled_batches(dataset.x_test, dataset.y_test,
-                                   config.eval_batch_size, seed=None)
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.DATA)
-  test = test.with_options(options)
+
+  def evaluation(x, y):
+    return data_lib.shuffled_batches(x, y, config.eval_batch_size,
+                                     seed=None).with_options(options)
+  test = evaluation(dataset.x_test, dataset.y_test)
+  during = test if validation is None else evaluation(*validation)
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   with _Terminate() as terminate:
     saver = callbacks_lib.CheckpointEveryEpoch(
@@ -372,7 +391,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     if start < steps:
       model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch,
                 initial_epoch=min(start // steps_per_epoch, epochs - 1),
-                validation_data=test, callbacks=callbacks, verbose=verbose)
+                validation_data=during, callbacks=callbacks, verbose=verbose)
     if saver.failure is None and terminate.requested:
       saver.save()
       logging.warning("SIGTERM: checkpointed at step %d; rerun to resume",
@@ -389,6 +408,8 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   # -- evaluate & save ----------------------------------------------------------
   done = int(optimizer.iterations.numpy())
   test_loss, test_accuracy = model.evaluate(test, verbose=0)
+  if validation is not None:
+    val_loss, val_accuracy = model.evaluate(during, verbose=0)
   epsilon = accounting.compute_epsilon(
       n, config.batch_size, sigma, steps=done + abandoned_steps,
       delta=config.delta, accountant=config.accountant)
@@ -407,6 +428,13 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
       "replicas": strategy.num_replicas_in_sync,
       "ledger": ledger.public_dict(),
   }
+  if validation is not None:
+    results.update(
+        validation_accuracy=float(val_accuracy),
+        validation_loss=float(val_loss),
+        num_validation=len(validation[1]),
+        validation_note=("held-out private training examples, for tuning: "
+                         "outside the DP guarantee"))
   with writer.as_default():
     callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)
   writer.flush()

@@ -68,6 +68,11 @@ flags.DEFINE_string("data_dir", None, "Directory of the data set's files.")
 flags.DEFINE_string("public_dataset", None, "Public data set (never in N).")
 flags.DEFINE_float("public_fraction", _D.public_fraction, "Held-out public "
                    "fraction of the training split, in [0, 1).")
+flags.DEFINE_float("validation_fraction", _D.validation_fraction, "Tuning "
+                   "only: hold out this fraction of the private training set "
+                   "as a validation set, evaluated during training instead "
+                   "of the test set (its metrics are outside the DP "
+                   "guarantee); in [0, 1).")
 flags.DEFINE_integer("public_pretrain_epochs", _D.public_pretrain_epochs,
                      "Non-private pre-training epochs on the public data.")
 # -- model ----------------------------------------------------------------------
@@ -178,6 +183,7 @@ def config_from_flags() -> TrainConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
       public_dataset=FLAGS.public_dataset,
       public_fraction=FLAGS.public_fraction,
+      validation_fraction=FLAGS.validation_fraction,
       public_pretrain_epochs=FLAGS.public_pretrain_epochs,
       batch_size=FLAGS.batch_size, epochs=epochs, steps=steps,
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
