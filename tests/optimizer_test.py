@@ -52,8 +52,10 @@ def test_is_a_tf_privacy_optimizer_and_a_legacy_sgd():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(l2_norm_clip=0.0, noise_multiplier=1.0), "l2_norm_clip"),
     (dict(l2_norm_clip=1.0, noise_multiplier=-1.0), "noise_multiplier"),
-    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=4),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=0),
      "num_microbatches"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0,
+          gradient_accumulation_steps=4), "gradient_accumulation_steps"),
 ])
 def test_invalid_arguments_are_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -513,3 +515,112 @@ def test_batch_norm_is_refused_wherever_the_model_is_held():
     return step
   with pytest.raises(ValueError, match="batch statistics"):
     make_step()(x, y)
+
+
+# -- DP Adam --------------------------------------------------------------------
+
+
+def test_adam_is_a_tf_privacy_optimizer_and_a_legacy_adam():
+  opt = tdp.MaskedDPKerasAdamOptimizer(1.0, 1.1, learning_rate=1e-3)
+  assert isinstance(opt, keras.optimizers.legacy.Adam)
+  assert isinstance(opt, dp_optimizer_keras.GenericDPAdamOptimizer)
+  assert opt.l2_norm_clip == 1.0 and opt.noise_multiplier == 1.1
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_no_noise_step_equals_reference_with_masks(amsgrad):
+  model = tdp.prune(_small_cnn(seed=14))
+  rng = np.random.default_rng(3)
+  masks = {v.ref(): rng.integers(0, 2, v.shape).astype("float32")
+           for v in model.trainable_variables}
+  x, y = _data(8)
+  before = [v.numpy().copy() for v in model.trainable_variables]
+  # The clipped masked mean gradient g, from a one-example loop (lr = 1).
+  g = [b - e for b, e in zip(before, _reference_step(
+      model, x, y, masks, clip=0.1, lr=1.0))]
+  lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-7
+  model.compile(tdp.MaskedDPKerasAdamOptimizer(
+      0.1, 0.0, masks=masks, learning_rate=lr, epsilon=eps, amsgrad=amsgrad),
+                _xent())
+  model.train_on_batch(x, y)
+  lr_t = lr * np.sqrt(1 - b2) / (1 - b1)
+  for v, b, gi in zip(model.trainable_variables, before, g):
+    m, s = (1 - b1) * gi, (1 - b2) * gi * gi
+    expected = b - lr_t * m / (np.sqrt(s) + eps)
+    mask = masks[v.ref()]
+    np.testing.assert_allclose(v.numpy(), np.where(mask > 0, expected, b),
+                               rtol=1e-4, atol=1e-6)
+    assert np.array_equal(v.numpy()[mask == 0], b[mask == 0])
+
+
+def test_adam_unselected_coordinates_keep_value_and_moments():
+  model = tdp.prune(_small_cnn(seed=15))
+  variables = model.trainable_variables
+  mask_vars = [tf.Variable(np.ones(v.shape, "float32"), trainable=False)
+               for v in variables]
+  opt = tdp.MaskedDPKerasAdamOptimizer(1.0, 1.0, masks=list(zip(
+      variables, mask_vars)), learning_rate=0.01)
+  model.compile(opt, _xent())
+  x, y = _data(8)
+  model.train_on_batch(x, y)  # every coordinate has moments now
+  rng = np.random.default_rng(6)
+  for _ in range(4):
+    for m in mask_vars:
+      m.assign(rng.integers(0, 2, m.shape).astype("float32"))
+    state = [(v.numpy().copy(), opt.get_slot(v, "m").numpy().copy(),
+              opt.get_slot(v, "v").numpy().copy()) for v in variables]
+    model.train_on_batch(x, y)
+    for v, (value, m1, m2), mask in zip(variables, state, mask_vars):
+      off = mask.numpy() == 0
+      assert np.array_equal(v.numpy()[off], value[off])
+      assert np.array_equal(opt.get_slot(v, "m").numpy()[off], m1[off])
+      assert np.array_equal(opt.get_slot(v, "v").numpy()[off], m2[off])
+      if (~off).sum() > 2:
+        assert np.any(opt.get_slot(v, "m").numpy()[~off] != m1[~off])
+
+
+def test_adam_noise_only_on_selected_coordinates_and_save_load(tmp_path):
+  model = tdp.prune(keras.Sequential([keras.Input((10,)),
+                                      keras.layers.Dense(40)]))
+  kernel = model.trainable_variables[0]
+  mask = np.random.default_rng(0).integers(0, 2, kernel.shape)
+  before = kernel.numpy().copy()
+  model.compile(tdp.MaskedDPKerasAdamOptimizer(
+      1.0, 2.0, masks={kernel.ref(): mask}, learning_rate=0.1), _mse())
+  model.train_on_batch(np.zeros((4, 10), "float32"),
+                       np.zeros((4, 40), "float32"))
+  moved = kernel.numpy() != before
+  assert not moved[mask == 0].any() and moved[mask == 1].all()
+  path = str(tmp_path / "adam.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert isinstance(loaded.optimizer, tdp.MaskedDPKerasAdamOptimizer)
+  assert loaded.optimizer.noise_multiplier == 2.0
+  assert int(loaded.optimizer.iterations.numpy()) == 1
+
+
+# -- TF Privacy compatibility -------------------------------------------------
+
+
+def test_num_microbatches_none_or_batch_size_means_per_example():
+  x, y = _data(8)
+  for n in (None, 8):
+    model = tdp.prune(_small_cnn(seed=16))
+    model.compile(tdp.MaskedDPKerasSGDOptimizer(
+        1.0, 0.0, num_microbatches=n, learning_rate=0.1), _xent())
+    model.train_on_batch(x, y)
+  model = tdp.prune(_small_cnn(seed=16))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 0.0, num_microbatches=1, learning_rate=0.1), _xent())
+  with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
+                     match="clips every example"):
+    model.train_on_batch(x, y)
+
+
+def test_tf_privacy_positional_order_works():
+  # DPKerasSGDOptimizer(l2_norm_clip, noise_multiplier, num_microbatches)
+  opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.1, 8, learning_rate=0.1)
+  assert opt._num_microbatches == 8 and opt._masks == {}  # pylint: disable=protected-access
+  model = tdp.prune(_small_cnn(seed=17))
+  model.compile(opt, _xent())
+  model.train_on_batch(*_data(8))

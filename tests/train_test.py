@@ -15,6 +15,7 @@ import pytest
 
 from tfdpprune import accounting
 from tfdpprune import experiment
+from tfdpprune import flagfile
 from tfdpprune import models
 from tfdpprune import train
 from tfdpprune._compat import keras
@@ -94,7 +95,8 @@ def test_cli_public_mask_methods_on_digits(tmp_path, args, updated):
 def parsed_flags():
   def parse(*args):
     FLAGS.unparse_flags()
-    FLAGS(["train", *args])
+    FLAGS(flagfile.expand(["train", *args]))
+    train._check_ignored_flags()  # pylint: disable=protected-access
     return train.config_from_flags()
   yield parse
   FLAGS.unparse_flags()
@@ -131,10 +133,11 @@ def test_invalid_flags_name_the_flag_and_range(parsed_flags, args, names):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(
     os.path.join(ROOT, "flags", "*", "*.cfg"))))
-def test_every_flagfile_gives_a_valid_config(parsed_flags, monkeypatch, path):
-  monkeypatch.chdir(ROOT)  # flagfiles name their base relative to the repo
-  config = parsed_flags(f"--flagfile={os.path.relpath(path, ROOT)}")
-  assert config.batch_size == 256
+def test_every_flagfile_gives_a_valid_config(parsed_flags, monkeypatch,
+                                             tmp_path, path):
+  monkeypatch.chdir(tmp_path)  # nested flagfiles resolve from anywhere
+  config = parsed_flags(f"--flagfile={path}")
+  assert config.batch_size >= 1 and config.dataset
   with open(path) as f:
     header = f.read()
   for part in ("# Purpose:", "# Command:", "# Expected:", "# Runtime:"):
@@ -455,3 +458,62 @@ def test_validation_split_is_carved_from_the_private_training_set(tmp_path):
   assert "outside the DP guarantee" in results["validation_note"]
   assert "validation_accuracy" not in experiment.run(
       TrainConfig(steps=3), str(tmp_path / "plain"), verbose=0)
+
+
+@pytest.mark.parametrize("epochs,q,expected_epochs", [
+    (20.0, 256 / 60000, 20), (2.0, 128 / 1437, 2), (2.5, 0.1, 3),
+    (1.0, 0.3, 1)])
+def test_progress_shows_the_requested_number_of_epochs(epochs, q,
+                                                       expected_epochs):
+  config = TrainConfig(epochs=epochs)
+  steps = int(math.ceil(epochs / q))
+  per_epoch, shown = experiment.fit_epochs(config, steps, q)
+  assert shown == expected_epochs
+  assert per_epoch * shown >= steps > per_epoch * (shown - 1)
+
+
+def test_nested_flagfiles_resolve_from_the_including_file(tmp_path):
+  from tfdpprune import flagfile  # pylint: disable=g-import-not-at-top
+  sub = tmp_path / "flags" / "set"
+  sub.mkdir(parents=True)
+  (tmp_path / "flags" / "base.cfg").write_text("# base\n--epochs=3\n")
+  (sub / "base.cfg").write_text("--flagfile=../base.cfg\n--batch_size=64\n")
+  (sub / "run.cfg").write_text("// comment\n--flagfile=base.cfg\n--seed=5\n")
+  # Repository-root-relative nesting (the existing flagfiles) works too.
+  (sub / "legacy.cfg").write_text("--flagfile=flags/base.cfg\n")
+  assert flagfile.expand(["train", f"--flagfile={sub / 'run.cfg'}",
+                          "--seed=6"]) == [
+                              "train", "--epochs=3", "--batch_size=64",
+                              "--seed=5", "--seed=6"]
+  assert flagfile.expand([f"--flagfile={sub / 'legacy.cfg'}"]) == [
+      "--epochs=3"]
+  with pytest.raises(FileNotFoundError, match="nope.cfg"):
+    flagfile.expand(["--flagfile=nope.cfg"])
+
+
+def test_cli_runs_a_flagfile_from_another_directory(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfdpprune.train",
+       f"--flagfile={ROOT}/flags/fashion_mnist/full_dpsgd.cfg",
+       "--dataset=digits", "--model=mlp", "--epochs=0.1", "--verbose=1",
+       f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # Quiet by default: no TensorFlow start-up or checkpoint INFO lines.
+  for noise in ("cuInit", "oneDNN", "Sharding callback"):
+    assert noise not in proc.stderr + proc.stdout, noise
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--sparsity=0.9"], ["--sparsity=0.9", "--prune_mode"]),
+    (["--prune_method=magnitude", "--every_k_steps=3"],
+     ["--prune_method", "--every_k_steps"]),
+    (["--optimizer=adam", "--momentum=0.5"], ["--momentum=0.5", "adam"]),
+    (["--cpu_replicas=2"], ["--cpu_replicas=2", "mirrored"]),
+])
+def test_cli_refuses_flags_the_mode_ignores(tmp_path, args, names):
+  proc = _cli(*args, "--steps=2", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode != 0
+  for name in names:
+    assert name in proc.stderr, proc.stderr[-1500:]

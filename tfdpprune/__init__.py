@@ -18,6 +18,7 @@ from tfdpprune import accounting
 from tfdpprune import masks
 from tfdpprune.callbacks import PrivacyCallback
 from tfdpprune.config import PruneConfig
+from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
 from tfdpprune.pruning import attach_public_data
 from tfdpprune.pruning import prune
@@ -27,7 +28,7 @@ from tfdpprune.validation import validate
 
 __all__ = [
     "keras", "accounting", "attach_public_data", "masks",
-    "MaskedDPKerasSGDOptimizer", "PruneConfig", "prune", "PrivacyCallback",
+    "MaskedDPKerasSGDOptimizer", "MaskedDPKerasAdamOptimizer", "PruneConfig", "prune", "PrivacyCallback",
     "PruneWrapper", "strip", "validate",
 ]
 __version__ = "0.1.0"

@@ -8,14 +8,45 @@ modules by full path instead. Every other module imports `tf`, `keras` and the
 TF Privacy modules from here.
 """
 
+import contextlib
 import os
 import sys
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 sys.skip_tf_privacy_import = True  # pytype: disable=module-attr
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-import tf_keras as keras  # pylint: disable=g-import-not-at-top
+# TensorFlow's start-up messages (oneDNN notices, CUDA probing on machines
+# without a GPU) are printed by its C++ runtime before any log level applies;
+# they are muted unless TFDPPRUNE_TF_LOGS=1. Python errors are not affected.
+TF_LOGS_ENV = "TFDPPRUNE_TF_LOGS"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+  """Mutes the process's stderr (file descriptor 2) inside the block, unless
+  $TFDPPRUNE_TF_LOGS is set: for TensorFlow's native start-up logging."""
+  if os.environ.get(TF_LOGS_ENV) or not hasattr(os, "dup2"):
+    yield
+    return
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):  # no real stderr (e.g. some notebooks)
+    yield
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+with quiet_native_stderr():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
 if not tf.keras.__name__.startswith("tf_keras"):
   raise ImportError(
@@ -27,13 +58,15 @@ if not tf.keras.__name__.startswith("tf_keras"):
       "models.")
 
 # pylint: disable=g-import-not-at-top,unused-import
-from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib
-from tensorflow_privacy.privacy.dp_query import gaussian_query
-from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
-from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras_vectorized
+with quiet_native_stderr():
+  from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib
+  from tensorflow_privacy.privacy.dp_query import gaussian_query
+  from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
+  from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras_vectorized
 # pylint: enable=g-import-not-at-top,unused-import
 
 __all__ = [
-    "tf", "keras", "compute_dp_sgd_privacy_lib", "gaussian_query",
+    "tf", "keras", "quiet_native_stderr", "TF_LOGS_ENV",
+    "compute_dp_sgd_privacy_lib", "gaussian_query",
     "dp_optimizer_keras", "dp_optimizer_keras_vectorized",
 ]

@@ -289,6 +289,7 @@ class TrainConfig:
   batch_size: int = 128
   epochs: Optional[float] = None     # default 30 when --steps is not given
   steps: Optional[int] = None
+  optimizer: str = "sgd"
   learning_rate: float = 0.05
   momentum: float = 0.9
   l2_norm_clip: float = 1.0
@@ -341,6 +342,8 @@ class TrainConfig:
       fail("learning_rate", "must be > 0")
     if not 0 <= self.momentum < 1:
       fail("momentum", "must be in [0, 1)")
+    if self.optimizer not in ("sgd", "adam"):
+      fail("optimizer", "must be 'sgd' or 'adam'")
     if self.accountant not in ("rdp", "pld"):
       fail("accountant", "must be 'rdp' or 'pld'")
     if not 0 <= self.public_fraction < 1:

@@ -24,6 +24,7 @@ from tfdpprune import pruning
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 from tfdpprune.config import TrainConfig
+from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
 
 RESULTS = "results.json"
@@ -135,6 +136,16 @@ def privacy_ledger(config: TrainConfig, dataset, sigma: float, q: float,
       fingerprint_salt=salt)
 
 
+def fit_epochs(config: TrainConfig, steps: int, q: float):
+  """`(steps_per_epoch, epochs)` of `model.fit`: with --epochs=E the
+  progress shows ceil(E) epochs (not one more from rounding 1/q)."""
+  if config.epochs is not None:
+    epochs = max(1, int(math.ceil(config.epochs - 1e-9)))
+    return int(math.ceil(steps / epochs)), epochs
+  steps_per_epoch = max(1, int(round(1.0 / q)))
+  return steps_per_epoch, int(math.ceil(steps / steps_per_epoch))
+
+
 def _loss():
   return keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=keras.losses.Reduction.NONE)
@@ -184,6 +195,17 @@ def mirrored_strategy(cpu_replicas: int = 0):
     return tf.distribute.MirroredStrategy(
         [f"/cpu:{i}" for i in range(cpu_replicas)])
   return tf.distribute.MirroredStrategy()
+
+
+def make_optimizer(config: TrainConfig, sigma: float):
+  """The masked DP optimizer of `config.optimizer` (sgd: momentum; adam)."""
+  common = dict(learning_rate=config.learning_rate,
+                expected_batch_size=config.batch_size,
+                noise_seed=config.noise_seed)
+  if config.optimizer == "adam":
+    return MaskedDPKerasAdamOptimizer(config.l2_norm_clip, sigma, **common)
+  return MaskedDPKerasSGDOptimizer(config.l2_norm_clip, sigma,
+                                   momentum=config.momentum, **common)
 
 
 def multi_worker_strategy():
@@ -325,10 +347,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   # -- model & optimizer ----------------------------------------------------
   with strategy.scope():
     model = build_model(config, dataset, public)
-    optimizer = MaskedDPKerasSGDOptimizer(
-        config.l2_norm_clip, sigma, learning_rate=config.learning_rate,
-        momentum=config.momentum, expected_batch_size=config.batch_size,
-        noise_seed=config.noise_seed)
+    optimizer = make_optimizer(config, sigma)
     model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
@@ -357,8 +376,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
                  start)
 
   # -- train ------------------------------------------------------------------
-  steps_per_epoch = max(1, int(round(1.0 / q)))
-  epochs = int(math.ceil(steps / steps_per_epoch))
+  steps_per_epoch, epochs = fit_epochs(config, steps, q)
   train = data_lib.distributed_poisson_batches(
       strategy, dataset.x_train, dataset.y_train, q, steps,
       seed=config.noise_seed, start_step=start)

@@ -11,6 +11,7 @@ Rerunning the same command (same --workdir) resumes from the last checkpoint.
 
 import hashlib
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -21,8 +22,10 @@ from absl import logging
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfdpprune import _compat
 from tfdpprune import callbacks
 from tfdpprune import experiment
+from tfdpprune import flagfile
 from tfdpprune import ledger
 from tfdpprune.config import PruneConfig
 from tfdpprune.config import TrainConfig
@@ -48,7 +51,9 @@ flags.DEFINE_bool("nonprivate_metrics", _D.nonprivate_metrics, "Opt in to "
                   "clip fraction) in the progress bar and under TensorBoard's "
                   "nonprivate/ tags. They are NOT covered by the DP "
                   "guarantee: do not release them.")
-flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line.")
+flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bar, 2 one line per "
+                     "epoch, 3 also TensorFlow's own logs (set "
+                     "TFDPPRUNE_TF_LOGS=1 to see its start-up messages too).")
 flags.DEFINE_enum("distribute", "auto",
                   ["auto", "none", "mirrored", "multi_worker"],
                   "mirrored: tf.distribute.MirroredStrategy over the local "
@@ -94,8 +99,12 @@ flags.DEFINE_float("epochs", None, "Epochs (default "
                    f"{TrainConfig.DEFAULT_EPOCHS}); exclusive "
                    "with --steps.")
 flags.DEFINE_integer("steps", None, "Optimizer steps; exclusive with --epochs.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "SGD learning rate.")
-flags.DEFINE_float("momentum", _D.momentum, "SGD momentum in [0, 1).")
+flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam"], "The masked "
+                  "DP optimizer: sgd (MaskedDPKerasSGDOptimizer, with "
+                  "--momentum) or adam (MaskedDPKerasAdamOptimizer).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Learning rate.")
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum in [0, 1) "
+                   "(--optimizer=sgd only).")
 flags.DEFINE_enum("accountant", _D.accountant, ["rdp", "pld"], "Accountant.")
 # -- pruning (1:1 onto tdp.PruneConfig) ------------------------------------------
 _P = PruneConfig()
@@ -186,7 +195,8 @@ def config_from_flags() -> TrainConfig:
       validation_fraction=FLAGS.validation_fraction,
       public_pretrain_epochs=FLAGS.public_pretrain_epochs,
       batch_size=FLAGS.batch_size, epochs=epochs, steps=steps,
-      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
+      optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+      momentum=FLAGS.momentum,
       l2_norm_clip=FLAGS.l2_norm_clip, noise_multiplier=sigma,
       target_epsilon=target, delta=FLAGS.delta, accountant=FLAGS.accountant,
       prune=_prune_config(), init_checkpoint=FLAGS.init_checkpoint,
@@ -201,13 +211,46 @@ def default_workdir(config: TrainConfig) -> str:
   return os.path.join("runs", f"{name}-{config.model}-{digest}")
 
 
+def _check_ignored_flags():
+  """Refuses flags given explicitly that the chosen mode would ignore."""
+  given = [name for name in FLAGS if FLAGS[name].present]
+  ignored = {}
+  if FLAGS.prune_mode == "none":
+    for name in list(_PRUNE_FLAGS.values()) + ["granularity"]:
+      if name != "prune_mode" and name in given:
+        ignored[name] = "has no effect without --prune_mode=freeze|select"
+  if FLAGS.optimizer == "adam" and "momentum" in given:
+    ignored["momentum"] = "is an SGD flag; --optimizer=adam ignores it"
+  if FLAGS.cpu_replicas and FLAGS.distribute != "mirrored":
+    ignored["cpu_replicas"] = "needs --distribute=mirrored"
+  if ignored:
+    raise app.UsageError("; ".join(
+        f"--{name}={FLAGS[name].value!r} {why}"
+        for name, why in sorted(ignored.items())))
+
+
+class _NoTensorFlowInfo(std_logging.Filter):
+  """Drops INFO (and finer) records logged from TensorFlow's own modules."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/tensorflow/", "/tf_keras/"))
+
+
+def _quiet_tensorflow():
+  """TensorFlow's Python INFO logs (checkpoint sharding, ...) only with
+  --verbose=3; ours stay."""
+  if FLAGS.verbose < 3:
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    logging.get_absl_handler().addFilter(_NoTensorFlowInfo())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _check_ignored_flags()
+  _quiet_tensorflow()
   strategy = None
-  if FLAGS.cpu_replicas and FLAGS.distribute != "mirrored":
-    raise app.UsageError(f"--cpu_replicas={FLAGS.cpu_replicas} needs "
-                         "--distribute=mirrored")
   if FLAGS.cpu_replicas < 0:
     raise app.UsageError(f"--cpu_replicas={FLAGS.cpu_replicas} must be >= 0")
   if FLAGS.distribute == "mirrored":
@@ -252,5 +295,26 @@ def main(argv):
         f"updated fraction {1 - results['sparsity']:.3f} | workdir {workdir}")
 
 
+def parse_flags(argv):
+  """absl's parser, after expanding flagfiles (nested paths resolve from the
+  including file: `tfdpprune.flagfile`)."""
+  try:
+    argv = flagfile.expand(argv)
+  except (OSError, ValueError) as e:
+    print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+    sys.exit(1)
+  # Device probing once, quietly (a GPU-less machine's CUDA error), before
+  # absl's after-init hooks list the devices; logical devices stay
+  # configurable.
+  with _compat.quiet_native_stderr():
+    _compat.tf.config.list_physical_devices()
+  return app.parse_flags_with_usage(argv)
+
+
+def console_main():
+  """The `tfdpprune-train` console script."""
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  console_main()
