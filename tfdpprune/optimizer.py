@@ -129,28 +129,8 @@ class MaskedDPKerasAdamOptimizer(dp_gradients.MaskedDPGradients,
   ```
 
   Args:
-    l2_norm_clip: C > 0, the per-example L2 clip norm over the selected
-      coordinates of all variables together.
-    noise_multiplier: sigma >= 0; the noise std on each selected coordinate of
-      the summed gradient is sigma * C.
-    masks: optional `{var.ref(): mask}` dict or `(var, mask)` pairs; a mask is
-      a 0/1 array or `tf.Variable` of the variable's shape (a variable may
-      change between steps without retracing). Variables not named are fully
-      selected. Masks of variables in `tdp.prune` wrappers are combined
-      (multiplied) with these. (An integer here is TF Privacy's positional
-      `num_microbatches`.)
-    expected_batch_size: divide the noised sum by this instead of the actual
-      batch size (right for Poisson-sampled, variable-size batches).
-    noise_seed: None (default): the noise key is secret, drawn from OS
-      entropy and never saved. An integer makes the noise reproducible and
-      public (experiments only: the guarantee then assumes the adversary does
-      not know the seed); it is then part of `get_config`.
-    num_microbatches: for TF Privacy compatibility: None (default) or equal
-      to the batch size, both meaning per-example clipping; any other value
-      is refused when the step is traced (TF Privacy would clip microbatch
-      means, a different mechanism).
-    iterations: the optimizer's initial step count (restored by `.keras`
-      loading, so the step count, and epsilon, survive save/load).
+    l2_norm_clip, noise_multiplier, masks, expected_batch_size, noise_seed,
+      num_microbatches, iterations: as in `MaskedDPKerasSGDOptimizer`.
     learning_rate, beta_1, beta_2, epsilon, amsgrad, name, **kwargs: as in
       `keras.optimizers.legacy.Adam`.
   """
