@@ -53,7 +53,9 @@ that has a `results.json`:
   privacy_utility.png   test accuracy against epsilon, one line per method
                         (the grid point without the PRIVACY_FLAGS and the
                         seed), mean over seeds with standard-deviation error
-                        bars; runs with epsilon = inf (no noise) are drawn as
+                        bars (methods dodged so bars do not overlap; the title
+                        names data set, model, delta and the shared flags),
+                        also as privacy_utility.svg; runs with epsilon = inf (no noise) are drawn as
                         horizontal lines.
 
 The pieces (`expand_grid`, `command`, `Launcher`, `collect_results`,
@@ -399,29 +401,84 @@ def curves(rows: Sequence[dict]) -> Dict[str, List[Tuple[float, float, float,
   return out
 
 
+def fixed_settings(rows: Sequence[dict]) -> Dict[str, object]:
+  """The trainer settings every run shares (from each run's results.json
+  config), without the seed, the grid flags and the workdir."""
+  configs = []
+  for r in rows:
+    try:
+      with open(os.path.join(r["workdir"], RESULTS)) as f:
+        configs.append(json.load(f).get("config") or {})
+    except (OSError, KeyError, ValueError):
+      continue
+  if not configs:
+    return {}
+  grid = {k[5:] for r in rows for k in r if k.startswith("flag:")}
+  out = {}
+  for key, value in configs[0].items():
+    if key in grid or key in ("seed", "prune") or isinstance(value, dict):
+      continue
+    if all(c.get(key) == value for c in configs):
+      out[key] = value
+  return out
+
+
+def _subtitle(settings: Dict[str, object]) -> str:
+  """`dataset · model · δ`, then the other fixed flags that are set."""
+  head = [str(settings.get(k)) for k in ("dataset", "model")
+          if settings.get(k) is not None]
+  if settings.get("delta") is not None:
+    head.append(f"δ = {settings['delta']:g}")
+  rest = [f"{k}={v}" for k, v in sorted(settings.items())
+          if k not in ("dataset", "model", "delta") and v not in (None, False)
+          and not k.startswith(("data_dir", "init_checkpoint"))]
+  lines, line = [" · ".join(head)], []
+  for item in rest:
+    if len(" ".join(line + [item])) > 95:
+      lines.append(" ".join(line))
+      line = []
+    line.append(item)
+  if line:
+    lines.append(" ".join(line))
+  return "\n".join(l for l in lines if l)
+
+
 def plot(rows: Sequence[dict], path: str) -> None:
-  """Accuracy vs epsilon, one line per method, mean +- std over seeds."""
+  """Accuracy vs epsilon, one line per method, mean +- std over seeds.
+
+  The title names the data set, model, delta and the flags every run shares;
+  methods are dodged along epsilon so their error bars do not overlap. Saved
+  as `path` (PNG) and the same name with `.svg`.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(8, 5.2))
   lines = curves(rows)
+  n = len(lines)
+  log_x = False
   for i, (method, line) in enumerate(lines.items()):
     color = f"C{i % 10}"
     finite = [p for p in line if math.isfinite(p[0])]
     if finite:
       eps, eps_std, acc, acc_std, _ = zip(*finite)
-      ax.errorbar(eps, acc, yerr=acc_std,
+      log_x |= min(eps) > 0 and max(eps) / min(eps) >= 8
+      dodge = 1.0 + 0.025 * (i - (n - 1) / 2)  # multiplicative: log or not
+      ax.errorbar([e * dodge for e in eps], acc, yerr=acc_std,
                   xerr=eps_std if any(eps_std) else None, marker="o",
                   capsize=3, color=color, label=method)
     for _, _, acc, _, _ in (p for p in line if not math.isfinite(p[0])):
       ax.axhline(acc, color=color, linestyle="--",
                  label=f"{method} (ε = ∞)")
+  if log_x:
+    ax.set_xscale("log")
   seeds = sorted({r["seed"] for r in rows})
-  ax.set_xlabel("ε (δ as configured)")
+  ax.set_xlabel("ε")
   ax.set_ylabel("test accuracy")
-  ax.set_title(f"Privacy-utility trade-off ({len(rows)} runs, "
-               f"mean ± std over {len(seeds)} seed(s))")
+  settings = fixed_settings(rows)
+  ax.set_title(f"Privacy-utility trade-off ({len(rows)} runs, mean ± std "
+               f"over {len(seeds)} seed(s))\n{_subtitle(settings)}",
+               fontsize="medium")
   ax.grid(alpha=0.3)
   if lines:
     ax.legend(fontsize="small")
@@ -430,6 +487,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
             transform=ax.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  fig.savefig(os.path.splitext(path)[0] + ".svg")
   plt.close(fig)
 
 

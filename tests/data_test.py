@@ -477,3 +477,23 @@ def test_overlap_is_found_whatever_the_normalization():
                            rng.random((3, 5, 5, 1)).astype(np.float32)])
   np.testing.assert_array_equal(data.overlapping_examples(public, private),
                                 [0, 1])
+
+
+def test_tensorflow_datasets_builder_modules_import():
+  # A missing pinned dependency of tensorflow-datasets' builders
+  # (importlib_resources) used to surface only when a data set was loaded.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  for name in ("mnist", "fashion_mnist", "cifar10"):
+    assert tfds.builder_cls(name).code_path
+
+
+def test_tfds_download_failure_is_a_clear_error(monkeypatch, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("Failed to resolve 'storage.googleapis.com'")
+  monkeypatch.setattr(tfds, "load", offline)
+  monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="could not prepare 'mnist'.*"
+                     "TFDS_DATA_DIR"):
+    data.load_dataset("mnist")

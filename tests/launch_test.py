@@ -187,9 +187,12 @@ def _fake_run(out, grid, seed, results):
   workdir = os.path.join(out, run.name)
   sweep.write_meta(run, workdir, sweep.command(run, "b.cfg", [], workdir))
   if results is not None:
+    config = dict(dataset="fashion_mnist", model="tempered_sigmoid_cnn",
+                  delta=1e-5, batch_size=2048, seed=seed, prune=None,
+                  noise_multiplier=results.get("noise_multiplier"))
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(dict(results, delta=1e-5, steps=10, sparsity=0.9,
-                     wall_time_s=1.0), f)
+                     wall_time_s=1.0, config=config), f)
 
 
 def test_collect_write_csv_and_plot_without_subprocesses(tmp_path):
@@ -229,11 +232,19 @@ def test_collect_write_csv_and_plot_without_subprocesses(tmp_path):
       "wall_time_s", "method", "workdir"]
   assert len(table) == 5 and table[0]["epsilon"] == "inf"
 
+  settings = sweep.fixed_settings(rows)
+  assert settings == {"dataset": "fashion_mnist", "delta": 1e-5,
+                      "model": "tempered_sigmoid_cnn", "batch_size": 2048}
+  subtitle = sweep._subtitle(settings)  # pylint: disable=protected-access
+  assert subtitle.startswith("fashion_mnist · tempered_sigmoid_cnn · δ = 1e-05")
+  assert "batch_size=2048" in subtitle
   sweep.plot(rows, os.path.join(out, "privacy_utility.png"))
   sweep.plot([], os.path.join(out, "empty.png"))
-  for name in ("privacy_utility.png", "empty.png"):
-    with open(os.path.join(out, name), "rb") as f:
+  for name in ("privacy_utility", "empty"):
+    with open(os.path.join(out, name + ".png"), "rb") as f:
       assert f.read(8) == PNG_MAGIC
+    with open(os.path.join(out, name + ".svg")) as f:
+      assert "<svg" in f.read(2000)
 
 
 # -- end to end ---------------------------------------------------------------

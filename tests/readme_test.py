@@ -47,3 +47,26 @@ def test_readme_main_command_trains_on_digits(tmp_path):
   assert accuracy > 0.85  # measured 0.936 at epsilon 3 (chance: 0.1)
   assert 0 < epsilon <= 3.0 + 1e-6
   assert "Epoch 1/" in proc.stdout and "- epsilon:" in proc.stdout  # progress
+
+
+def test_readme_keras_one_call_example_runs():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tfdpprune import data  # pylint: disable=g-import-not-at-top
+  import tfdpprune as tdp  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  section = text.split("## Keras: DP training in one call")[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  ds = data.load_dataset("digits")
+  keras = tdp.keras
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(10)])
+  namespace = dict(model=model, x_train=ds.x_train, y_train=ds.y_train,
+                   x_test=ds.x_test, y_test=ds.y_test)
+  code = code.replace("epochs=20", "epochs=2")  # keep the test short
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  private = namespace["private"]
+  assert private.callback.epsilon <= 3.0 + 1e-6
+  assert int(private.optimizer.iterations.numpy()) == private.steps
+  assert np.isfinite(private.noise_multiplier)

@@ -20,6 +20,8 @@ from tfdpprune.callbacks import PrivacyCallback
 from tfdpprune.config import PruneConfig
 from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+from tfdpprune.private_training import make_private_with_epsilon
+from tfdpprune.private_training import poisson_dataset
 from tfdpprune.pruning import attach_public_data
 from tfdpprune.pruning import prune
 from tfdpprune.pruning import PruneWrapper
@@ -29,6 +31,7 @@ from tfdpprune.validation import validate
 __all__ = [
     "keras", "accounting", "attach_public_data", "masks",
     "MaskedDPKerasSGDOptimizer", "MaskedDPKerasAdamOptimizer", "PruneConfig", "prune", "PrivacyCallback",
-    "PruneWrapper", "strip", "validate",
+    "PruneWrapper", "strip", "validate", "make_private_with_epsilon",
+    "poisson_dataset",
 ]
 __version__ = "0.1.0"

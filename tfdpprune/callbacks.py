@@ -11,7 +11,10 @@ import math
 import numbers
 from typing import Optional
 
+from absl import logging
+
 from tfdpprune import accounting
+from tfdpprune import data as data_lib
 from tfdpprune import masks as masks_lib
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -44,15 +47,19 @@ class PrivacyCallback(keras.callbacks.Callback):
     `steps_per_execution` > 1 (a batch of k steps is not split).
 
   Epsilon assumes Poisson sampling with rate q = batch_size / num_examples
-  (see `tfdpprune.accounting`).
+  (see `tfdpprune.accounting`). Pass the training input as `dataset`: a
+  Poisson-sampled one from `tdp.poisson_dataset` carries its sampling, which
+  is checked against (N, q); anything else (fixed-size shuffled batches from
+  `model.fit(x, y, batch_size=...)`, say) draws a warning at train begin,
+  because the printed epsilon would not hold for it.
 
   ```python
   import tfdpprune as tdp
-  from tfdpprune.callbacks import PrivacyCallback
-  cb = PrivacyCallback(num_examples=60000, batch_size=256,
-                       noise_multiplier=1.1, target_epsilon=3.0,
-                       log_dir="/tmp/run")
-  model.fit(x, y, batch_size=256, epochs=100, callbacks=[cb])
+  batches = tdp.poisson_dataset(x, y, batch_size=256, epochs=100)
+  cb = tdp.PrivacyCallback(num_examples=60000, batch_size=256,
+                           noise_multiplier=1.1, target_epsilon=3.0,
+                           log_dir="/tmp/run", dataset=batches)
+  model.fit(batches, callbacks=[cb])
   print(cb.epsilon, cb.max_steps)   # <= 3.0, 18338
   ```
 
@@ -66,6 +73,8 @@ class PrivacyCallback(keras.callbacks.Callback):
     log_dir: optional TensorBoard directory, or a `tf.summary.SummaryWriter`
       to share with other summaries.
     accountant: "rdp" or "pld" (`tfdpprune.accounting`).
+    dataset: the training input, to confirm it is Poisson-sampled with this
+      N and q (see above).
 
   Attributes:
     spec: the validated `accounting.PrivacySpec`.
@@ -75,8 +84,9 @@ class PrivacyCallback(keras.callbacks.Callback):
       there (they need the model).
 
   Raises:
-    ValueError: naming the argument, if an argument is out of range; at train
-      begin, if the optimizer's `noise_multiplier` differs.
+    ValueError: naming the argument, if an argument is out of range; if
+      `dataset` samples another N or q; at train begin, if the optimizer's
+      `noise_multiplier` differs.
     RuntimeError: at train begin, if the budget is already spent (Keras runs
       the first batch before it looks at `stop_training`).
   """
@@ -88,10 +98,22 @@ class PrivacyCallback(keras.callbacks.Callback):
                delta: float = 1e-5,
                target_epsilon: Optional[float] = None,
                log_dir=None,
-               accountant: str = "rdp"):
+               accountant: str = "rdp",
+               dataset=None):
     super().__init__()
     self.spec = accounting.PrivacySpec(num_examples, batch_size,
                                        noise_multiplier, delta, accountant)
+    self.sampling = None if dataset is None else data_lib.poisson_spec(dataset)
+    if self.sampling is not None and (
+        self.sampling.num_examples != self.spec.num_examples or
+        not math.isclose(self.sampling.sampling_probability,
+                         self.spec.sampling_probability, rel_tol=1e-9)):
+      raise ValueError(
+          f"PrivacyCallback(num_examples={num_examples}, batch_size="
+          f"{batch_size}) accounts q = {self.spec.sampling_probability:.6g} "
+          f"over N = {num_examples}, but its dataset samples q = "
+          f"{self.sampling.sampling_probability:.6g} over N = "
+          f"{self.sampling.num_examples}")
     self.target_epsilon = target_epsilon
     self.max_steps = (None if target_epsilon is None else
                       self.spec.max_steps(target_epsilon))
@@ -140,6 +162,16 @@ class PrivacyCallback(keras.callbacks.Callback):
 
   def on_train_begin(self, logs=None):
     self._check_noise_multiplier()
+    if self.sampling is None:
+      logging.warning(
+          "PrivacyCallback cannot confirm that training batches are "
+          "Poisson-sampled with q = %.4g over N = %d, as the epsilon it "
+          "reports assumes (fixed-size shuffled batches, e.g. model.fit(x, "
+          "y, batch_size=...), are NOT covered). Train on "
+          "tdp.poisson_dataset(x, y, batch_size, epochs) and pass it as "
+          "PrivacyCallback(..., dataset=...), or use "
+          "tdp.make_private_with_epsilon.",
+          self.spec.sampling_probability, self.spec.num_examples)
     self._k = self._steps_per_execution()
     if self.max_steps is not None:
       steps, k = self.steps, self._k

@@ -387,9 +387,18 @@ def _load_digits() -> Dataset:
 
 def _load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  splits = tfds.as_numpy(tfds.load(
-      name, split=["train", "test"], batch_size=-1, as_supervised=True,
-      data_dir=data_dir))
+  try:
+    splits = tfds.as_numpy(tfds.load(
+        name, split=["train", "test"], batch_size=-1, as_supervised=True,
+        data_dir=data_dir))
+  except (OSError, ConnectionError, tfds.core.download.DownloadError) as e:
+    offline = (f" or an IDX directory in {SYSTEM_DATASETS_DIR}/"
+               f"{name.replace('_', '-')}" if name in _IDX_NAMES else "")
+    raise FileNotFoundError(
+        f"tensorflow-datasets could not prepare {name!r} "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Without "
+        "network, give a prepared tensorflow-datasets directory (--data_dir "
+        f"or $TFDS_DATA_DIR){offline}.") from e
   (x_train, y_train), (x_test, y_test) = splits
   mean, std = NORMALIZATION[name]
   return Dataset(name, _normalize(x_train, mean, std),
@@ -534,6 +543,30 @@ def poisson_selection(num_examples: int, sampling_probability: float,
   return selected
 
 
+@dataclasses.dataclass(frozen=True)
+class PoissonSpec:
+  """What a Poisson-sampled input promises the accountant (public values).
+
+  Attributes:
+    num_examples: N, the examples sampled from.
+    sampling_probability: q.
+    num_steps: the steps of the whole run (batches yielded from start_step).
+  """
+  num_examples: int
+  sampling_probability: float
+  num_steps: int
+
+
+def poisson_spec(dataset) -> Optional[PoissonSpec]:
+  """The `PoissonSpec` of a dataset made here, or None (not confirmed)."""
+  return getattr(dataset, "poisson_spec", None)
+
+
+def _tagged(dataset, n, q, num_steps):
+  dataset.poisson_spec = PoissonSpec(int(n), float(q), int(num_steps))
+  return dataset
+
+
 def _check_poisson_args(sampling_probability, num_steps, start_step):
   if not 0.0 <= sampling_probability <= 1.0:
     raise ValueError(f"sampling_probability must be in [0, 1], got "
@@ -576,7 +609,9 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
     start_step: the first step yielded.
 
   Returns:
-    A `tf.data.Dataset` of `(x_batch, y_batch)`.
+    A `tf.data.Dataset` of `(x_batch, y_batch)`, tagged with its
+    `PoissonSpec` (`poisson_spec(dataset)`) so that `PrivacyCallback` can
+    confirm the sampling it accounts.
 
   Example:
     >>> x, y = np.zeros([1000, 2], "float32"), np.zeros([1000], "int32")
@@ -597,7 +632,8 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
     return tf.gather(x, idx), tf.gather(y, idx)
 
   steps = tf.data.Dataset.range(start_step, num_steps)
-  return steps.map(batch).prefetch(tf.data.AUTOTUNE)
+  return _tagged(steps.map(batch).prefetch(tf.data.AUTOTUNE), n,
+                 sampling_probability, num_steps)
 
 
 def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
@@ -656,7 +692,8 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
     return elements.map(batch).with_options(options).prefetch(
         tf.data.AUTOTUNE)
 
-  return strategy.distribute_datasets_from_function(dataset_fn)
+  return _tagged(strategy.distribute_datasets_from_function(dataset_fn), n,
+                 sampling_probability, num_steps)
 
 
 def poisson_truncation_probability(num_examples: int,

@@ -398,7 +398,8 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
         saver,  # first: it checks the (private) loss for finiteness
         callbacks_lib.PrivacyCallback(n, config.batch_size, sigma,
                                       delta=config.delta,
-                                      accountant=config.accountant),
+                                      accountant=config.accountant,
+                                      dataset=train),
         callbacks_lib.StepLimit(steps),
         callbacks_lib.TrainingSummaries(
             writer, config.to_dict(), nonprivate=config.nonprivate_metrics,

@@ -1,0 +1,149 @@
+"""Keras-native DP training: a Poisson-sampled input and a one-call setup.
+
+`poisson_dataset` is the input `model.fit` needs for the accountant's
+assumption to hold; `make_private_with_epsilon` (in the spirit of Opacus'
+`PrivacyEngine.make_private_with_epsilon`) calibrates the noise multiplier to
+a target epsilon and builds the optimizer, the Poisson input and the
+`PrivacyCallback` from one set of numbers, so N, B, sigma and the steps are
+never typed twice.
+
+```python
+import tfdpprune as tdp
+keras = tdp.keras
+private = tdp.make_private_with_epsilon(
+    model, x_train, y_train, target_epsilon=3.0, epochs=20, batch_size=256,
+    learning_rate=0.1, momentum=0.9)
+private.compile(keras.losses.SparseCategoricalCrossentropy(
+    from_logits=True, reduction=keras.losses.Reduction.NONE),
+    metrics=["accuracy"])
+private.fit(validation_data=(x_test, y_test))
+print(private.callback.epsilon)            # <= 3.0
+```
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+from tfdpprune import accounting
+from tfdpprune import data as data_lib
+from tfdpprune import pruning
+from tfdpprune._compat import keras
+from tfdpprune._compat import tf
+from tfdpprune.callbacks import PrivacyCallback
+from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
+from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+
+_OPTIMIZERS = {"sgd": MaskedDPKerasSGDOptimizer,
+               "adam": MaskedDPKerasAdamOptimizer}
+
+
+def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
+                    steps: Optional[int] = None, seed: Optional[int] = None,
+                    max_batch_size: Optional[int] = None) -> tf.data.Dataset:
+  """Poisson-sampled batches of expected size `batch_size` for `model.fit`.
+
+  Every step, each example joins the batch independently with probability
+  q = batch_size / N (secret sampling unless `seed` is given); batch sizes
+  vary. Give `epochs` (steps = ceil(epochs / q)) or `steps`. The dataset
+  carries its `data.PoissonSpec`, which `PrivacyCallback(dataset=...)`
+  checks. Use the optimizer with `expected_batch_size=batch_size`.
+
+  Raises:
+    ValueError: naming the argument, for a bad batch size or step count.
+  """
+  n = len(y)
+  if not (isinstance(batch_size, int) and 1 <= batch_size <= n):
+    raise ValueError(f"batch_size={batch_size!r} must be an integer in "
+                     f"[1, N={n}]")
+  if (epochs is None) == (steps is None):
+    raise ValueError(f"give exactly one of epochs or steps; got epochs="
+                     f"{epochs!r}, steps={steps!r}")
+  if steps is None:
+    steps = accounting.steps_for(n, batch_size, epochs)
+  return data_lib.poisson_batches(x, y, batch_size / n, int(steps), seed=seed,
+                                  max_batch_size=max_batch_size)
+
+
+@dataclasses.dataclass
+class PrivateTraining:
+  """What `make_private_with_epsilon` built, consistent by construction.
+
+  Attributes:
+    model: the model prepared by `tdp.prune` (fast per-example gradients).
+    optimizer: the masked DP optimizer (sigma calibrated).
+    dataset: the Poisson-sampled training input.
+    callback: the `PrivacyCallback` (epsilon in the logs; budget stop).
+    noise_multiplier: the calibrated sigma.
+    steps: optimizer steps of the whole run.
+    epochs, steps_per_epoch: for `model.fit`.
+  """
+  model: keras.Model
+  optimizer: keras.optimizers.legacy.Optimizer
+  dataset: tf.data.Dataset
+  callback: PrivacyCallback
+  noise_multiplier: float
+  steps: int
+  epochs: int
+  steps_per_epoch: int
+
+  def compile(self, loss, **kwargs):
+    """`model.compile` with the DP optimizer (`loss` must be per-example:
+    `reduction=keras.losses.Reduction.NONE`)."""
+    self.model.compile(optimizer=self.optimizer, loss=loss, **kwargs)
+
+  def fit(self, callbacks=(), **kwargs):
+    """`model.fit` on the Poisson input, with the privacy callback."""
+    return self.model.fit(self.dataset, epochs=self.epochs,
+                          steps_per_epoch=self.steps_per_epoch,
+                          callbacks=[self.callback, *callbacks], **kwargs)
+
+
+def make_private_with_epsilon(
+    model: keras.Model, x, y, *, target_epsilon: float, epochs: float,
+    batch_size: int, delta: float = 1e-5, l2_norm_clip: float = 1.0,
+    optimizer: str = "sgd", learning_rate: float = 0.1,
+    accountant: str = "rdp", prune=None, public_data=None,
+    noise_seed: Optional[int] = None, **optimizer_kwargs) -> PrivateTraining:
+  """Calibrates sigma to `target_epsilon` and builds every DP piece.
+
+  Args:
+    model: a built Sequential or functional Keras model (wrapped with
+      `tdp.prune`, which also applies `prune`).
+    x, y: the private training data (N = len(y)).
+    target_epsilon: epsilon after `epochs` epochs, at `delta`.
+    epochs: training length (steps = ceil(epochs * N / batch_size)).
+    batch_size: the expected (Poisson) batch size B; q = B / N.
+    delta: in (0, 1/N).
+    l2_norm_clip: C.
+    optimizer: "sgd" or "adam".
+    learning_rate, **optimizer_kwargs: for the optimizer (e.g. momentum).
+    accountant: "rdp" or "pld".
+    prune: optional `tdp.PruneConfig` (or several).
+    public_data: public examples for public-data mask methods.
+    noise_seed: None (secret noise and sampling) or a seed (experiments).
+
+  Returns:
+    A `PrivateTraining`; call `.compile(loss)` then `.fit()`.
+  """
+  n = len(y)
+  if optimizer not in _OPTIMIZERS:
+    raise ValueError(f"optimizer={optimizer!r} must be 'sgd' or 'adam'")
+  if not 0 < delta < 1.0 / n:
+    raise ValueError(f"delta={delta!r} must be in (0, 1/N = {1.0 / n:.3g})")
+  steps = accounting.steps_for(n, batch_size, epochs)
+  sigma = accounting.compute_noise_multiplier(
+      target_epsilon, n, batch_size, steps=steps, delta=delta,
+      accountant=accountant)
+  model = pruning.prune(model, prune, public_data=public_data)
+  opt = _OPTIMIZERS[optimizer](
+      l2_norm_clip, sigma, learning_rate=learning_rate,
+      expected_batch_size=batch_size, noise_seed=noise_seed,
+      **optimizer_kwargs)
+  dataset = poisson_dataset(x, y, batch_size, steps=steps, seed=noise_seed)
+  callback = PrivacyCallback(n, batch_size, sigma, delta=delta,
+                             target_epsilon=target_epsilon,
+                             accountant=accountant, dataset=dataset)
+  fit_epochs = max(1, int(math.ceil(epochs - 1e-9)))
+  return PrivateTraining(model, opt, dataset, callback, float(sigma), steps,
+                         fit_epochs, int(math.ceil(steps / fit_epochs)))
