@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tfdpprune import accounting
+from tfdpprune import callbacks
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 from tfdpprune.callbacks import PrivacyCallback
@@ -148,3 +149,28 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
   args.update(kwargs)
   with pytest.raises(ValueError, match=rf"\b{name}="):
     PrivacyCallback(**args)
+
+
+def test_weight_averaging_updates_and_evaluates_on_the_average():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(3)
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  averaging = callbacks.WeightAveraging(decay=0.5).build(model)
+  kernel, bias = model.trainable_variables
+  start = kernel.numpy().copy()
+  kernel.assign(kernel + 1.0)
+  averaging.on_train_batch_end(0)   # t=0: d = min(0.5, 1/10) = 0.1
+  expected = 0.1 * start + 0.9 * (start + 1.0)
+  np.testing.assert_allclose(averaging.state.shadow[0].numpy(), expected,
+                             rtol=1e-6)
+  kernel.assign(kernel + 1.0)
+  averaging.on_train_batch_end(1)   # t=1: d = min(0.5, 2/11)
+  d = 2 / 11
+  expected = d * expected + (1 - d) * (start + 2.0)
+  np.testing.assert_allclose(averaging.state.shadow[0].numpy(), expected,
+                             rtol=1e-6)
+  with averaging.swapped():
+    np.testing.assert_allclose(kernel.numpy(), expected, rtol=1e-6)
+  np.testing.assert_allclose(kernel.numpy(), start + 2.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="decay"):
+    callbacks.WeightAveraging(decay=1.0)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tfdpprune import data
+from tfdpprune._compat import tf
 
 # The real MNIST test split (t10k files only); CI may point elsewhere.
 MNIST_DIR = os.environ.get("TFDPPRUNE_MNIST_DIR", "/work/shared/data/mnist")
@@ -497,3 +498,32 @@ def test_tfds_download_failure_is_a_clear_error(monkeypatch, tmp_path):
   with pytest.raises(FileNotFoundError, match="could not prepare 'mnist'.*"
                      "TFDS_DATA_DIR"):
     data.load_dataset("mnist")
+
+
+def test_augment_images_gives_crops_and_flips_of_each_image():
+  rng = np.random.default_rng(8)
+  x = rng.random((6, 5, 5, 2)).astype(np.float32)
+  out = data.augment_images(tf.constant(x), tf.constant([3, 4], tf.int64),
+                            pad=1).numpy()
+  padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+  for i in range(6):
+    options = []
+    for flip in (False, True):
+      img = padded[i, :, ::-1] if flip else padded[i]
+      options += [img[a:a + 5, b:b + 5] for a in range(3) for b in range(3)]
+    assert any(np.allclose(out[i], o) for o in options)
+
+
+def test_poisson_batches_with_augmult_repeat_each_example():
+  x = np.tile(np.arange(40, dtype=np.float32)[:, None, None, None],
+              (1, 7, 7, 1))  # image i is constant i: crops/flips keep it
+  y = np.arange(40, dtype=np.int32)
+  batches = list(data.poisson_batches(x, y, 0.3, 4, augmult=3))
+  for xb, yb in batches:
+    yb = yb.numpy()
+    assert len(yb) % 3 == 0
+    groups = yb.reshape(-1, 3)
+    assert np.all(groups == groups[:, :1])  # 3 consecutive rows per example
+    np.testing.assert_array_equal(xb.numpy()[:, 0, 0, 0], yb)
+  with pytest.raises(ValueError, match="augmult"):
+    data.poisson_batches(x[:, 0, 0], y, 0.3, 4, augmult=2)

@@ -624,3 +624,62 @@ def test_tf_privacy_positional_order_works():
   model = tdp.prune(_small_cnn(seed=17))
   model.compile(opt, _xent())
   model.train_on_batch(*_data(8))
+
+
+# -- augmentation multiplicity -------------------------------------------------
+
+
+def _augmult_reference(model, x, y, k, clip, lr):
+  """Per example: the mean gradient of its k rows, clipped; one-row loop."""
+  loss_fn = _xent()
+  variables = model.trainable_variables
+  total = [np.zeros(v.shape) for v in variables]
+  examples = len(y) // k
+  for i in range(examples):
+    mean = [np.zeros(v.shape) for v in variables]
+    for r in range(i * k, (i + 1) * k):
+      with tf.GradientTape() as tape:
+        xr = tf.nest.map_structure(lambda t: t[r:r + 1], x)
+        loss = tf.reduce_sum(loss_fn(y[r:r + 1], model(xr)))
+      grads = tape.gradient(loss, variables,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      mean = [m + tf.convert_to_tensor(g).numpy() / k
+              for m, g in zip(mean, grads)]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in mean))
+    total = [t + g * min(1.0, clip / norm) for t, g in zip(total, mean)]
+  return [v.numpy() - lr * t / examples for v, t in zip(variables, total)]
+
+
+def _text_lstm():
+  keras.utils.set_random_seed(21)
+  tokens = keras.Input((5,), dtype="int32")
+  h = keras.layers.Embedding(9, 4)(tokens)
+  h = keras.layers.LSTM(3, return_sequences=True)(h)
+  h = keras.layers.MultiHeadAttention(1, 2)(h, h)
+  h = keras.layers.LayerNormalization()(h)
+  return keras.Model(tokens, keras.layers.Dense(3)(
+      keras.layers.GlobalAveragePooling1D()(h)))
+
+
+@pytest.mark.parametrize("build,data", [
+    (lambda: _small_cnn(seed=20), lambda rng: (
+        rng.normal(size=(12, 6, 6, 1)).astype("float32"))),
+    (_text_lstm, lambda rng: rng.integers(0, 9, (12, 5)).astype("int32")),
+], ids=["cnn", "text_lstm_attention"])
+@pytest.mark.parametrize("prepared", [True, False])
+def test_augmentation_multiplicity_clips_each_examples_mean_gradient(
+    build, data, prepared):
+  k, clip, lr = 3, 0.05, 0.5
+  rng = np.random.default_rng(4)
+  x = data(rng)
+  y = np.repeat(rng.integers(0, 3, 4), k)  # 4 examples, 3 rows each
+  model = build()
+  if prepared:
+    model = tdp.prune(model)
+  expected = _augmult_reference(model, x, y, k, clip, lr)
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      clip, 0.0, learning_rate=lr, augmentation_multiplicity=k), _xent())
+  model.train_on_batch(x, y)
+  for v, e in zip(model.trainable_variables, expected):
+    np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6,
+                               err_msg=v.name)

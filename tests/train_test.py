@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tfdpprune import accounting
+from tfdpprune import data
 from tfdpprune import experiment
 from tfdpprune import flagfile
 from tfdpprune import models
@@ -517,3 +518,41 @@ def test_cli_refuses_flags_the_mode_ignores(tmp_path, args, names):
   assert proc.returncode != 0
   for name in names:
     assert name in proc.stderr, proc.stderr[-1500:]
+
+
+def test_learning_rate_schedules():
+  assert experiment.learning_rate(TrainConfig(learning_rate=0.5), 100) == 0.5
+  cosine = experiment.learning_rate(
+      TrainConfig(learning_rate=0.5, lr_schedule="cosine",
+                  lr_warmup_steps=10), 110)
+  assert float(cosine(0)) == pytest.approx(0.0, abs=1e-7)
+  assert float(cosine(10)) == pytest.approx(0.5, rel=1e-5)
+  assert float(cosine(60)) == pytest.approx(0.25, rel=1e-4)
+  assert float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
+  warm = experiment.learning_rate(
+      TrainConfig(learning_rate=0.5, lr_warmup_steps=4), 100)
+  assert float(warm(2)) == pytest.approx(0.25, rel=1e-5)
+  assert float(warm(50)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_weight_averaging_in_the_trainer_reports_both_and_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = TrainConfig(steps=30, ema_decay=0.9, noise_multiplier=1.0)
+  first = experiment.run(config, workdir, verbose=0)
+  assert {"test_accuracy", "test_accuracy_last_iterate"} <= set(first)
+  reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+  assert any(k.startswith("weight_average/") and "count" in k and
+             reader.get_tensor(k) == 30
+             for k in reader.get_variable_to_shape_map())
+  again = experiment.run(config, workdir, verbose=0)  # restored average
+  assert again["test_accuracy"] == first["test_accuracy"]
+
+
+def test_model_width_multiplies_channels():
+  base = models.get_model("tempered_sigmoid_cnn", (28, 28, 1), 10)
+  wide = models.get_model("tempered_sigmoid_cnn", (28, 28, 1), 10, width=2)
+  assert wide.get_layer("conv1").filters == 2 * base.get_layer("conv1").filters
+  assert wide.count_params() > 3 * base.count_params()
+  with pytest.raises(ValueError, match="--model_width"):
+    experiment.build_model(TrainConfig(model="mlp", model_width=2, steps=1),
+                           data.load_dataset("digits"), None)

@@ -296,6 +296,89 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
     self.save()
 
 
+class WeightAveraging(keras.callbacks.Callback):
+  """An exponential moving average (EMA) of the weights, used to evaluate.
+
+  After every step, `shadow = d * shadow + (1 - d) * weights` for the
+  trainable variables, with `d = min(decay, (1 + t) / (10 + t))` at the t-th
+  update (a warm-up, as in De et al. 2022); evaluation (`model.evaluate`,
+  `fit`'s validation, `swapped()`) runs on the averaged weights. The average
+  is post-processing of the DP iterates: no privacy cost. `state` holds the
+  shadow variables and the update count, for checkpoints (so a resumed run
+  continues the same average).
+
+  Build it (`build(model)`) before restoring a checkpoint that holds `state`.
+  """
+
+  def __init__(self, decay: float = 0.999):
+    super().__init__()
+    if not 0.0 < decay < 1.0:
+      raise ValueError(f"decay={decay!r} must be in (0, 1)")
+    self.decay = float(decay)
+    self.state = None
+    self._update = self._swap = None
+
+  def build(self, model):
+    """Creates the shadow variables (copies of the trainable weights)."""
+    self.set_model(model)
+    variables = list(model.trainable_variables)
+    with tf.init_scope():
+      state = tf.Module(name="weight_average")
+      state.shadow = [tf.Variable(v, trainable=False,
+                                  name=v.name.split(":")[0].replace("/", "_")
+                                  + "_ema") for v in variables]
+      state.count = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name="ema_count")
+    self.state = state
+
+    @tf.function
+    def update():
+      t = tf.cast(state.count, tf.float32)
+      d = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+      for shadow, var in zip(state.shadow, variables):
+        shadow.assign(tf.cast(d, var.dtype) * shadow +
+                      tf.cast(1.0 - d, var.dtype) * var)
+      state.count.assign_add(1)
+
+    @tf.function
+    def swap():
+      for shadow, var in zip(state.shadow, variables):
+        value = tf.identity(var)
+        var.assign(shadow)
+        shadow.assign(value)
+
+    self._update, self._swap = update, swap
+    return self
+
+  def swapped(self):
+    """Context: the model holds the averaged weights inside the block."""
+    callback = self
+
+    class _Swapped:
+
+      def __enter__(self):
+        callback._swap()  # pylint: disable=protected-access
+
+      def __exit__(self, *exc):
+        callback._swap()  # pylint: disable=protected-access
+    return _Swapped()
+
+  def on_train_begin(self, logs=None):
+    if self.state is None:
+      self.build(self.model)
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._update()
+
+  def on_test_begin(self, logs=None):
+    if self.state is not None:
+      self._swap()
+
+  def on_test_end(self, logs=None):
+    if self.state is not None:
+      self._swap()
+
+
 class HideNonPrivateLogs(keras.callbacks.Callback):
   """Removes statistics of private training batches from Keras logs.
 

@@ -282,6 +282,7 @@ class TrainConfig:
   dataset: str = "digits"
   data_dir: Optional[str] = None
   model: str = "mlp"
+  model_width: int = 1
   public_dataset: Optional[str] = None
   public_fraction: float = 0.0
   validation_fraction: float = 0.0
@@ -290,6 +291,10 @@ class TrainConfig:
   epochs: Optional[float] = None     # default 30 when --steps is not given
   steps: Optional[int] = None
   optimizer: str = "sgd"
+  augmult: int = 1
+  ema_decay: float = 0.0
+  lr_schedule: str = "constant"
+  lr_warmup_steps: int = 0
   learning_rate: float = 0.05
   momentum: float = 0.9
   l2_norm_clip: float = 1.0
@@ -344,6 +349,18 @@ class TrainConfig:
       fail("momentum", "must be in [0, 1)")
     if self.optimizer not in ("sgd", "adam"):
       fail("optimizer", "must be 'sgd' or 'adam'")
+    if not (isinstance(self.model_width, int) and self.model_width >= 1):
+      fail("model_width", "must be an integer >= 1")
+    if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
+      fail("ema_decay", "must be 0 (off) or in (0, 1)")
+    if self.lr_schedule not in ("constant", "cosine"):
+      fail("lr_schedule", "must be 'constant' or 'cosine'")
+    if not (isinstance(self.lr_warmup_steps, int) and
+            self.lr_warmup_steps >= 0):
+      fail("lr_warmup_steps", "must be an integer >= 0")
+    if not (isinstance(self.augmult, int) and not isinstance(
+        self.augmult, bool) and 1 <= self.augmult <= 64):
+      fail("augmult", "must be an integer in [1, 64]")
     if self.accountant not in ("rdp", "pld"):
       fail("accountant", "must be 'rdp' or 'pld'")
     if not 0 <= self.public_fraction < 1:

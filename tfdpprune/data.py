@@ -567,7 +567,56 @@ def _tagged(dataset, n, q, num_steps):
   return dataset
 
 
-def _check_poisson_args(sampling_probability, num_steps, start_step):
+def augment_images(x, seed, pad: int, flip: bool = True):
+  """Per image: a random crop of the reflect-padded image and a random
+  horizontal flip, from a stateless `seed` (`[2]` int64)."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  if flip:
+    x = tf.image.stateless_random_flip_left_right(x, seeds[0])
+  if pad:
+    n, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+    padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]],
+                    mode="REFLECT")
+    offsets = tf.random.stateless_uniform([n, 2], seeds[1], minval=0,
+                                          maxval=2 * pad + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(h)[tf.newaxis]
+    cols = offsets[:, 1:] + tf.range(w)[tf.newaxis]
+    x = tf.gather(padded, rows, axis=1, batch_dims=1)
+    x = tf.gather(x, cols, axis=2, batch_dims=1)
+  return x
+
+
+def default_augmentation_pad(height: int) -> int:
+  """Crop padding: about 1/7 of the image side (4 for 28x28, 1 for 8x8)."""
+  return max(1, int(round(height / 7)))
+
+
+# The augmentation stream of a step: `step_seed(key, step, stream |
+# _AUGMENT_STREAM)`, disjoint from the sampling streams (replica ids).
+_AUGMENT_STREAM = 1 << 40
+
+
+def _multiply(xb, yb, augmult, key, step, stream):
+  """Each sampled example as `augmult` consecutive augmented rows."""
+  if augmult == 1:
+    return xb, yb
+  xb = tf.repeat(xb, augmult, axis=0)
+  yb = tf.repeat(yb, augmult, axis=0)
+  xb = augment_images(xb, randomness.step_seed(
+      key, step, tf.bitwise.bitwise_or(tf.cast(stream, tf.int64),
+                                       _AUGMENT_STREAM)),
+                      default_augmentation_pad(xb.shape[1]))
+  return xb, yb
+
+
+def _check_poisson_args(sampling_probability, num_steps, start_step,
+                        augmult=1, x=None):
+  if (isinstance(augmult, bool) or not isinstance(augmult, int) or
+      augmult < 1):
+    raise ValueError(f"augmult={augmult!r} must be an integer >= 1")
+  if augmult > 1 and x is not None and len(np.shape(x)) != 4:
+    raise ValueError(f"augmult={augmult} augments images: x must be "
+                     f"[N, H, W, C], got shape {np.shape(x)}")
   if not 0.0 <= sampling_probability <= 1.0:
     raise ValueError(f"sampling_probability must be in [0, 1], got "
                      f"{sampling_probability}")
@@ -579,7 +628,7 @@ def _check_poisson_args(sampling_probability, num_steps, start_step):
 def poisson_batches(x, y, sampling_probability: float, num_steps: int,
                     seed: Optional[int] = None,
                     max_batch_size: Optional[int] = None, *,
-                    start_step: int = 0) -> tf.data.Dataset:
+                    start_step: int = 0, augmult: int = 1) -> tf.data.Dataset:
   """Poisson-subsampled batches from secret (or explicitly seeded) randomness.
 
   At step s each example joins the batch independently with probability
@@ -607,6 +656,10 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
       only holds as (eps, delta + (1 + e^eps) * num_steps * p). Pick a cap
       far in the tail (see `poisson_truncation_probability`).
     start_step: the first step yielded.
+    augmult: K >= 1: every sampled example comes as K consecutive rows,
+      randomly cropped and flipped (augmentation multiplicity, De et al.
+      2022; images only), for an optimizer with
+      `augmentation_multiplicity=K`.
 
   Returns:
     A `tf.data.Dataset` of `(x_batch, y_batch)`, tagged with its
@@ -619,7 +672,8 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
     >>> len([int(xb.shape[0]) for xb, _ in batches])  # ~Binomial(1000, 0.01)
     3
   """
-  _check_poisson_args(sampling_probability, num_steps, start_step)
+  _check_poisson_args(sampling_probability, num_steps, start_step, augmult,
+                      x)
   if max_batch_size is not None and max_batch_size < 1:
     raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
   x, y = _as_tensors(x, y)
@@ -629,7 +683,8 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
   def batch(step):
     idx = poisson_selection(n, sampling_probability, key, step,
                             max_batch_size)
-    return tf.gather(x, idx), tf.gather(y, idx)
+    return _multiply(tf.gather(x, idx), tf.gather(y, idx), augmult, key,
+                     step, 0)
 
   steps = tf.data.Dataset.range(start_step, num_steps)
   return _tagged(steps.map(batch).prefetch(tf.data.AUTOTUNE), n,
@@ -639,7 +694,7 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
 def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
                                 sampling_probability: float, num_steps: int,
                                 seed: Optional[int] = None, *,
-                                start_step: int = 0):
+                                start_step: int = 0, augmult: int = 1):
   """One global Poisson batch per step, split across `strategy`'s replicas.
 
   The N examples are partitioned across the R replicas (example i belongs to
@@ -659,14 +714,15 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
   Args:
     strategy: a `tf.distribute.Strategy` (Mirrored, MultiWorkerMirrored, or
       the default strategy, where this equals `poisson_batches`).
-    x, y, sampling_probability, num_steps, seed, start_step: as in
+    x, y, sampling_probability, num_steps, seed, start_step, augmult: as in
       `poisson_batches`.
 
   Returns:
     A `tf.distribute.DistributedDataset` for `model.fit` (with
     `steps_per_epoch`), yielding each replica's part of each step's batch.
   """
-  _check_poisson_args(sampling_probability, num_steps, start_step)
+  _check_poisson_args(sampling_probability, num_steps, start_step, augmult,
+                      x)
   x, y = _as_tensors(x, y)
   n = int(x.shape[0])
   key = randomness.private_key(randomness.SAMPLING, seed)
@@ -683,7 +739,8 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
       chosen = poisson_selection(tf.size(part), sampling_probability, key,
                                  step, stream=replica)
       idx = tf.gather(part, chosen)
-      return tf.gather(x, idx), tf.gather(y, idx)
+      return _multiply(tf.gather(x, idx), tf.gather(y, idx), augmult, key,
+                       step, replica)
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (

@@ -63,7 +63,8 @@ def dp_arguments(l2_norm_clip, noise_multiplier, masks, expected_batch_size,
   """Validates the DP arguments; returns `(query, masks, dp_state)`.
 
   Pops `iterations`, `num_microbatches`, `gradient_accumulation_steps` and
-  `global_state` from `kwargs` (the rest goes to the Keras optimizer). TF
+  `global_state` and `augmentation_multiplicity` from `kwargs` (the rest
+  goes to the Keras optimizer). TF
   Privacy's positional order `(l2_norm_clip, noise_multiplier,
   num_microbatches)` works: an integer in the `masks` position is taken as
   `num_microbatches`.
@@ -83,6 +84,11 @@ def dp_arguments(l2_norm_clip, noise_multiplier, masks, expected_batch_size,
     raise ValueError(f"gradient_accumulation_steps={accumulation!r} is not "
                      "supported; use a larger expected batch size instead")
   kwargs.pop("global_state", None)
+  multiplicity = kwargs.pop("augmentation_multiplicity", 1)
+  if (isinstance(multiplicity, bool) or
+      not isinstance(multiplicity, numbers.Integral) or multiplicity < 1):
+    raise ValueError(f"augmentation_multiplicity={multiplicity!r} must be "
+                     "an integer >= 1")
   iterations = kwargs.pop("iterations", 0)
   if (isinstance(iterations, bool) or
       not isinstance(iterations, (int, np.integer)) or iterations < 0):
@@ -101,7 +107,8 @@ def dp_arguments(l2_norm_clip, noise_multiplier, masks, expected_batch_size,
       l2_norm_clip, l2_norm_clip * noise_multiplier)
   state = dict(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
                expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-               iterations=int(iterations), num_microbatches=num_microbatches)
+               iterations=int(iterations), num_microbatches=num_microbatches,
+               augmentation_multiplicity=int(multiplicity))
   return query, masks, state
 
 
@@ -111,8 +118,10 @@ class MaskedDPGradients:
   _warned_fallback = False
 
   def _init_dp(self, masks, l2_norm_clip, noise_multiplier,
-               expected_batch_size, noise_seed, iterations, num_microbatches):
+               expected_batch_size, noise_seed, iterations, num_microbatches,
+               augmentation_multiplicity):
     """Called by the optimizer's `__init__` after the Keras base's."""
+    self._augmentation_multiplicity = augmentation_multiplicity
     self._l2_norm_clip = float(l2_norm_clip)
     self._noise_multiplier = float(noise_multiplier)
     self._expected_batch_size = expected_batch_size
@@ -148,6 +157,12 @@ class MaskedDPGradients:
   @property
   def expected_batch_size(self):
     return self._expected_batch_size
+
+  @property
+  def augmentation_multiplicity(self):
+    """K: each example comes as K consecutive (augmented) rows whose mean
+    gradient is clipped as the example's (De et al. 2022)."""
+    return self._augmentation_multiplicity
 
   @property
   def noise_seed(self):
@@ -246,10 +261,19 @@ class MaskedDPGradients:
           "keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
           "reduction=keras.losses.Reduction.NONE).")
     self._check_microbatches(loss)
+    k = self._augmentation_multiplicity
     with tape:
       if loss.shape.rank > 1:
         loss = tf.reduce_mean(tf.reshape(loss, [tf.shape(loss)[0], -1]), 1)
-      loss_sum = tf.reduce_sum(loss)
+      # K augmented rows per example: the example's loss is their mean.
+      loss_sum = tf.reduce_sum(loss) / k if k > 1 else tf.reduce_sum(loss)
+    loss_rows = loss
+    if k > 1:
+      tf.debugging.assert_equal(
+          tf.shape(loss)[0] % k, 0, message=(
+              f"augmentation_multiplicity={k}: the batch must hold {k} "
+              "consecutive rows per example"))
+      loss = tf.reduce_mean(tf.reshape(loss, [-1, k]), axis=1)
 
     self._check_models(var_list, loss)
     for selector in masks_lib.selectors(self._owners(var_list)):
@@ -262,15 +286,16 @@ class MaskedDPGradients:
       if not excluded:
         selected.append(var)
 
-    with tf.name_scope(self._name + "/dp_gradients"):
+    with tf.name_scope(self._name + "/dp_gradients"), \
+        per_example.rows_per_example(k):
       batch = tf.shape(loss)[0]
-      plan, why = self._fast_plan(selected, loss)
+      plan, why = self._fast_plan(selected, loss_rows)
       if plan is not None:
         sq_norms, sums_of = self._fast_norms(plan, specs, tape, loss_sum,
-                                             loss)
+                                             loss, loss_rows)
       else:
-        sq_norms, sums_of = self._fallback_norms(selected, specs, tape, loss,
-                                                 why)
+        sq_norms, sums_of = self._fallback_norms(selected, specs, tape,
+                                                 loss, loss_rows, why)
       norms = tf.sqrt(sq_norms)
       clip = tf.constant(self._l2_norm_clip, norms.dtype)
       # A non-finite input, activation or gradient of example i makes its
@@ -392,7 +417,7 @@ class MaskedDPGradients:
       plan.setdefault(owner, (captures, []))[1].append(var)
     return plan, None
 
-  def _fast_norms(self, plan, specs, tape, loss_sum, loss):
+  def _fast_norms(self, plan, specs, tape, loss_sum, loss, loss_rows):
     """Per-layer norms from captured activations and one backward pass.
 
     Returns `(sq_norms [B], sums_of)`, `sums_of(coef, finite)` giving the
@@ -422,8 +447,9 @@ class MaskedDPGradients:
       sq_norms, role_sums = tf.zeros_like(loss), []
       for owner, roles, pairs, masks in layers:
         if keep is not None:
-          pairs = [(dataclasses.replace(c, inputs=_zero_rows(c.inputs, keep)),
-                    _zero_rows(d, keep)) for c, d in pairs]
+          rows = tf.repeat(keep, per_example.group_size())
+          pairs = [(dataclasses.replace(c, inputs=_zero_rows(c.inputs, rows)),
+                    _zero_rows(d, rows)) for c, d in pairs]
         sq, role_sum = owner.sampler.per_example(owner.layer, pairs, masks)
         sq_norms = sq_norms + tf.cast(sq, sq_norms.dtype)
         role_sums.append((roles, role_sum))
@@ -439,18 +465,18 @@ class MaskedDPGradients:
     # Dynamic shapes: each layer's output gradient must have one row per
     # example (a broadcast layer output would mix them), checked at run time.
     checks = [tf.debugging.assert_equal(
-        tf.shape(d)[0], tf.shape(loss)[0], message=(
+        tf.shape(d)[0], tf.shape(loss_rows)[0], message=(
             f"layer {owner.layer.name!r}: output rows are not the batch's "
             "examples; feed it batch-major inputs"))
               for owner, _, pairs, _ in layers for _, delta in pairs
               for d in tf.nest.flatten(delta) if d is not None and
-              (d.shape[0] is None or loss.shape[0] is None)]
+              (d.shape[0] is None or loss_rows.shape[0] is None)]
     if checks:
       with tf.control_dependencies(checks):
         sq_norms = tf.identity(sq_norms)
     return sq_norms, _guarded(raw_sums, lambda keep: per_layer(keep)[1])
 
-  def _fallback_norms(self, selected, specs, tape, loss, why=None):
+  def _fallback_norms(self, selected, specs, tape, loss, loss_rows, why=None):
     """Vectorized (pfor) jacobian per-example gradients, for any model."""
     if not type(self)._warned_fallback:
       type(self)._warned_fallback = True
@@ -462,14 +488,18 @@ class MaskedDPGradients:
           "the per-layer fast path is unavailable")
     if not selected:
       return tf.zeros_like(loss), lambda coef, finite: {}
-    jacobians = per_example.jacobian_per_example(tape, loss, selected)
+    k = per_example.group_size()
+    if k > 1:
+      with tape:  # recorded, so the jacobian flows through the 1/k
+        loss_rows = loss_rows / k
+    jacobians = per_example.jacobian_per_example(tape, loss_rows, selected)
 
     def engines(keep):
       sq_norms, fns = tf.zeros_like(loss), []
       for var, g in zip(selected, jacobians):
         spec = specs[var.ref()][0]
         sq, fn = per_example.materialized_engine(
-            g if keep is None else _zero_rows(g, keep),
+            g if keep is None else _zero_rows(g, tf.repeat(keep, k)),
             spec if spec is not None else _Spec(None))
         sq_norms += tf.cast(sq, sq_norms.dtype)
         fns.append((var, fn))
@@ -491,6 +521,8 @@ class MaskedDPGradients:
                   iterations=int(keras.backend.get_value(self.iterations)))
     if self._noise_seed is not None:
       config["noise_seed"] = self._noise_seed
+    if self._augmentation_multiplicity != 1:
+      config["augmentation_multiplicity"] = self._augmentation_multiplicity
     return config
 
   # -- masked updates ---------------------------------------------------------

@@ -155,10 +155,14 @@ def build_model(config: TrainConfig, dataset, public):
   """The model with masks (public data only), before any DP step."""
   keras.utils.set_random_seed(config.seed)
   try:
+    options = {"width": config.model_width} if config.model_width != 1 else {}
     model = models_lib.get_model(config.model, dataset.input_shape,
-                                 dataset.num_classes)
+                                 dataset.num_classes, **options)
   except ValueError as e:
     raise _flag_error("model", config.model, e) from e
+  except TypeError as e:
+    raise _flag_error("model_width", config.model_width,
+                      f"model {config.model!r} has no width option") from e
   models_lib.check_dp_compatible(model)
   if config.init_checkpoint:
     path = config.init_checkpoint
@@ -197,11 +201,29 @@ def mirrored_strategy(cpu_replicas: int = 0):
   return tf.distribute.MirroredStrategy()
 
 
-def make_optimizer(config: TrainConfig, sigma: float):
+def learning_rate(config: TrainConfig, steps: int):
+  """The learning rate or schedule: constant, or cosine decay to 0 over the
+  run, after `lr_warmup_steps` of linear warm-up from 0."""
+  if config.lr_schedule == "constant" and not config.lr_warmup_steps:
+    return config.learning_rate
+  warmup = min(config.lr_warmup_steps, max(steps - 1, 0))
+  if config.lr_schedule == "constant":
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=config.learning_rate,
+        warmup_steps=warmup) if warmup else config.learning_rate
+  return keras.optimizers.schedules.CosineDecay(
+      0.0 if warmup else config.learning_rate,
+      decay_steps=max(steps - warmup, 1),
+      warmup_target=config.learning_rate if warmup else None,
+      warmup_steps=warmup)
+
+
+def make_optimizer(config: TrainConfig, sigma: float, steps: int = 1):
   """The masked DP optimizer of `config.optimizer` (sgd: momentum; adam)."""
-  common = dict(learning_rate=config.learning_rate,
+  common = dict(learning_rate=learning_rate(config, steps),
                 expected_batch_size=config.batch_size,
-                noise_seed=config.noise_seed)
+                noise_seed=config.noise_seed,
+                augmentation_multiplicity=config.augmult)
   if config.optimizer == "adam":
     return MaskedDPKerasAdamOptimizer(config.l2_norm_clip, sigma, **common)
   return MaskedDPKerasSGDOptimizer(config.l2_norm_clip, sigma,
@@ -347,7 +369,9 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   # -- model & optimizer ----------------------------------------------------
   with strategy.scope():
     model = build_model(config, dataset, public)
-    optimizer = make_optimizer(config, sigma)
+    optimizer = make_optimizer(config, sigma, steps)
+    averaging = (callbacks_lib.WeightAveraging(config.ema_decay).build(model)
+                 if config.ema_decay else None)
     model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
@@ -356,8 +380,10 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   ledger, abandoned_steps = _run_ledger(config, dataset, sigma, q, latest,
                                         workdir)
   state = ledger_lib.LedgerState(ledger, optimizer.iterations)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                   ledger=state)
+  parts = dict(model=model, optimizer=optimizer, ledger=state)
+  if averaging is not None:
+    parts["weight_average"] = averaging.state
+  checkpoint = tf.train.Checkpoint(**parts)
   manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
                                        max_to_keep=2)
   if latest:
@@ -379,7 +405,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   steps_per_epoch, epochs = fit_epochs(config, steps, q)
   train = data_lib.distributed_poisson_batches(
       strategy, dataset.x_train, dataset.y_train, q, steps,
-      seed=config.noise_seed, start_step=start)
+      seed=config.noise_seed, start_step=start, augmult=config.augmult)
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.DATA)
@@ -405,6 +431,8 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
             writer, config.to_dict(), nonprivate=config.nonprivate_metrics,
             should_write=lambda: saver.failure is None),
     ]
+    if averaging is not None:
+      callbacks.insert(1, averaging)  # evaluation sees the averaged weights
     if not config.nonprivate_metrics:
       callbacks.append(callbacks_lib.HideNonPrivateLogs())
     if start < steps:
@@ -426,15 +454,24 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
 
   # -- evaluate & save ----------------------------------------------------------
   done = int(optimizer.iterations.numpy())
-  test_loss, test_accuracy = model.evaluate(test, verbose=0)
+  last_loss, last_accuracy = model.evaluate(test, verbose=0)
+  test_loss, test_accuracy = last_loss, last_accuracy
+  if averaging is not None:
+    with averaging.swapped():
+      test_loss, test_accuracy = model.evaluate(test, verbose=0)
   if validation is not None:
-    val_loss, val_accuracy = model.evaluate(during, verbose=0)
+    if averaging is not None:
+      with averaging.swapped():
+        val_loss, val_accuracy = model.evaluate(during, verbose=0)
+    else:
+      val_loss, val_accuracy = model.evaluate(during, verbose=0)
   epsilon = accounting.compute_epsilon(
       n, config.batch_size, sigma, steps=done + abandoned_steps,
       delta=config.delta, accountant=config.accountant)
   density = masks_lib.density(model)
   results = {
       "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
+      "test_accuracy_last_iterate": float(last_accuracy),
       "epsilon": float(epsilon), "delta": config.delta,
       "noise_multiplier": sigma, "l2_norm_clip": config.l2_norm_clip,
       "steps": done, "abandoned_steps": abandoned_steps,

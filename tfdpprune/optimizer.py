@@ -65,6 +65,10 @@ class MaskedDPKerasSGDOptimizer(dp_gradients.MaskedDPGradients,
       means, a different mechanism).
     iterations: the optimizer's initial step count (restored by `.keras`
       loading, so the step count, and epsilon, survive save/load).
+    augmentation_multiplicity: K >= 1 (De et al. 2022): the batch holds K
+      consecutive augmented rows of every example; their mean gradient is
+      the example's gradient, clipped as one (sensitivity still C). With
+      `tdp.poisson_dataset(..., augmult=K)`.
     learning_rate, momentum, nesterov, name, **kwargs: as in
       `keras.optimizers.legacy.SGD`.
 
@@ -130,7 +134,8 @@ class MaskedDPKerasAdamOptimizer(dp_gradients.MaskedDPGradients,
 
   Args:
     l2_norm_clip, noise_multiplier, masks, expected_batch_size, noise_seed,
-      num_microbatches, iterations: as in `MaskedDPKerasSGDOptimizer`.
+      num_microbatches, iterations, augmentation_multiplicity: as in
+      `MaskedDPKerasSGDOptimizer`.
     learning_rate, beta_1, beta_2, epsilon, amsgrad, name, **kwargs: as in
       `keras.optimizers.legacy.Adam`.
   """

@@ -20,7 +20,9 @@ they keep ghost norms available.
 All functions are pure, batched and loop-free over examples.
 """
 
+import contextlib
 import dataclasses
+import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -63,6 +65,50 @@ class Capture:
   inputs: tf.Tensor
   outputs: tf.Tensor
   extra: object = None
+
+
+# Augmentation multiplicity (De et al. 2022): when every example of the batch
+# appears as K consecutive augmented rows, an example's gradient is the sum of
+# its rows' gradients (the optimizer scales the loss by 1/K: the average) and
+# is clipped as one. The optimizer sets K for the duration of a step's trace;
+# the engines below fold the K rows of an example into one before norms.
+_GROUPING = threading.local()
+
+
+@contextlib.contextmanager
+def rows_per_example(k: int):
+  """Within the block, engines treat each K consecutive rows as one example."""
+  previous = getattr(_GROUPING, "k", 1)
+  _GROUPING.k = int(k)
+  try:
+    yield
+  finally:
+    _GROUPING.k = previous
+
+
+def group_size() -> int:
+  """The rows per example of the step being traced (1: no grouping)."""
+  return getattr(_GROUPING, "k", 1)
+
+
+def group_positions(t):
+  """`[B*K, T, ...]` -> `[B, K*T, ...]`: an example's rows as extra positions."""
+  k = group_size()
+  if k == 1:
+    return t
+  shape = tf.shape(t)
+  return tf.reshape(t, tf.concat([[shape[0] // k, k * shape[1]], shape[2:]],
+                                 axis=0))
+
+
+def group_sum(g):
+  """`[B*K, ...]` -> `[B, ...]`: an example's rows' gradients summed."""
+  k = group_size()
+  if k == 1:
+    return g
+  shape = tf.shape(g)
+  return tf.reduce_sum(tf.reshape(g, tf.concat(
+      [[shape[0] // k, k], shape[1:]], axis=0)), axis=1)
 
 
 # A per-layer result: squared norms `[B]` and `coef [B] -> {role: sum}`.
@@ -113,6 +159,9 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None,
   Returns:
     `(sq_norms [B], coef -> kernel-shaped sum)`.
   """
+  if group_size() > 1:
+    a, delta = group_positions(a), group_positions(delta)
+    positions = None if positions is None else positions * group_size()
   k, n = a.shape[-1], delta.shape[-1]
   structured = mask.is_full or mask.structure in (OUT, SCALAR)
   delta_m = _apply_out_mask(delta, mask) if structured else delta
@@ -161,7 +210,9 @@ def linear_engine(a, delta, mask, kernel_shape, positions=None,
 
 
 def materialized_engine(g, mask):
-  """Norms and sums from materialized per-example gradients `g [B, ...]`."""
+  """Norms and sums from materialized per-example gradients `g [B, ...]`
+  (per-row `[B*K, ...]` under `rows_per_example(K)`)."""
+  g = group_sum(g)
   if not mask.is_full:
     g = g * mask.value
   axes = list(range(1, g.shape.rank))
@@ -496,6 +547,7 @@ class EmbeddingSampler(Sampler):
     d = tf.concat([tf.reshape(dl, [tf.shape(dl)[0], -1, dim])
                    for _, dl in captures], axis=1)           # [B, T, D]
     d = tf.cast(d, layer.embeddings.dtype)
+    ids, d = group_positions(ids), group_positions(d)
     mask = masks["embeddings"]
     same = tf.cast(tf.equal(ids[:, :, tf.newaxis], ids[:, tf.newaxis, :]),
                    d.dtype)                                   # [B, T, T]

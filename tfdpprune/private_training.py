@@ -40,14 +40,17 @@ _OPTIMIZERS = {"sgd": MaskedDPKerasSGDOptimizer,
 
 def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
                     steps: Optional[int] = None, seed: Optional[int] = None,
-                    max_batch_size: Optional[int] = None) -> tf.data.Dataset:
+                    max_batch_size: Optional[int] = None,
+                    augmult: int = 1) -> tf.data.Dataset:
   """Poisson-sampled batches of expected size `batch_size` for `model.fit`.
 
   Every step, each example joins the batch independently with probability
   q = batch_size / N (secret sampling unless `seed` is given); batch sizes
   vary. Give `epochs` (steps = ceil(epochs / q)) or `steps`. The dataset
   carries its `data.PoissonSpec`, which `PrivacyCallback(dataset=...)`
-  checks. Use the optimizer with `expected_batch_size=batch_size`.
+  checks. Use the optimizer with `expected_batch_size=batch_size` (and
+  `augmentation_multiplicity=augmult` with `augmult` augmented copies of
+  every example, images only).
 
   Raises:
     ValueError: naming the argument, for a bad batch size or step count.
@@ -62,7 +65,8 @@ def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
   if steps is None:
     steps = accounting.steps_for(n, batch_size, epochs)
   return data_lib.poisson_batches(x, y, batch_size / n, int(steps), seed=seed,
-                                  max_batch_size=max_batch_size)
+                                  max_batch_size=max_batch_size,
+                                  augmult=augmult)
 
 
 @dataclasses.dataclass
@@ -104,7 +108,8 @@ def make_private_with_epsilon(
     batch_size: int, delta: float = 1e-5, l2_norm_clip: float = 1.0,
     optimizer: str = "sgd", learning_rate: float = 0.1,
     accountant: str = "rdp", prune=None, public_data=None,
-    noise_seed: Optional[int] = None, **optimizer_kwargs) -> PrivateTraining:
+    noise_seed: Optional[int] = None, augmult: int = 1,
+    **optimizer_kwargs) -> PrivateTraining:
   """Calibrates sigma to `target_epsilon` and builds every DP piece.
 
   Args:
@@ -122,6 +127,8 @@ def make_private_with_epsilon(
     prune: optional `tdp.PruneConfig` (or several).
     public_data: public examples for public-data mask methods.
     noise_seed: None (secret noise and sampling) or a seed (experiments).
+    augmult: augmentation multiplicity K (images): K augmented copies of
+      every sampled example, their mean gradient clipped as one.
 
   Returns:
     A `PrivateTraining`; call `.compile(loss)` then `.fit()`.
@@ -139,8 +146,9 @@ def make_private_with_epsilon(
   opt = _OPTIMIZERS[optimizer](
       l2_norm_clip, sigma, learning_rate=learning_rate,
       expected_batch_size=batch_size, noise_seed=noise_seed,
-      **optimizer_kwargs)
-  dataset = poisson_dataset(x, y, batch_size, steps=steps, seed=noise_seed)
+      augmentation_multiplicity=augmult, **optimizer_kwargs)
+  dataset = poisson_dataset(x, y, batch_size, steps=steps, seed=noise_seed,
+                            augmult=augmult)
   callback = PrivacyCallback(n, batch_size, sigma, delta=delta,
                              target_epsilon=target_epsilon,
                              accountant=accountant, dataset=dataset)

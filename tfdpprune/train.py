@@ -82,6 +82,9 @@ flags.DEFINE_integer("public_pretrain_epochs", _D.public_pretrain_epochs,
                      "Non-private pre-training epochs on the public data.")
 # -- model ----------------------------------------------------------------------
 flags.DEFINE_string("model", _D.model, "Model name from tfdpprune.models.")
+flags.DEFINE_integer("model_width", _D.model_width, "Channel / unit "
+                     "multiplier of the model (tempered_sigmoid_cnn), e.g. 2 "
+                     "or 4 for the study's wider networks.")
 flags.DEFINE_string("init_checkpoint", None, "Pre-trained weights to start "
                     "from (model.load_weights path).")
 # -- privacy & optimization ------------------------------------------------------
@@ -102,7 +105,19 @@ flags.DEFINE_integer("steps", None, "Optimizer steps; exclusive with --epochs.")
 flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam"], "The masked "
                   "DP optimizer: sgd (MaskedDPKerasSGDOptimizer, with "
                   "--momentum) or adam (MaskedDPKerasAdamOptimizer).")
+flags.DEFINE_integer("augmult", _D.augmult, "Augmentation multiplicity K "
+                     "(De et al. 2022): each sampled example trains as K "
+                     "randomly cropped and flipped copies whose mean gradient "
+                     "is clipped as one; 1 = no augmentation.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Learning rate.")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, ["constant", "cosine"],
+                  "constant, or cosine decay to 0 over the run.")
+flags.DEFINE_integer("lr_warmup_steps", _D.lr_warmup_steps, "Steps of linear "
+                     "learning-rate warm-up from 0.")
+flags.DEFINE_float("ema_decay", _D.ema_decay, "0 (off), or the decay in (0, "
+                   "1) of an exponential moving average of the weights used "
+                   "for evaluation (post-processing: no privacy cost); "
+                   "results.json then also reports the last iterate.")
 flags.DEFINE_float("momentum", _D.momentum, "SGD momentum in [0, 1) "
                    "(--optimizer=sgd only).")
 flags.DEFINE_enum("accountant", _D.accountant, ["rdp", "pld"], "Accountant.")
@@ -190,12 +205,15 @@ def config_from_flags() -> TrainConfig:
   epochs, steps = FLAGS.epochs, FLAGS.steps
   return TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
+      model_width=FLAGS.model_width,
       public_dataset=FLAGS.public_dataset,
       public_fraction=FLAGS.public_fraction,
       validation_fraction=FLAGS.validation_fraction,
       public_pretrain_epochs=FLAGS.public_pretrain_epochs,
       batch_size=FLAGS.batch_size, epochs=epochs, steps=steps,
-      optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+      optimizer=FLAGS.optimizer, augmult=FLAGS.augmult,
+      learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
+      lr_warmup_steps=FLAGS.lr_warmup_steps, ema_decay=FLAGS.ema_decay,
       momentum=FLAGS.momentum,
       l2_norm_clip=FLAGS.l2_norm_clip, noise_multiplier=sigma,
       target_epsilon=target, delta=FLAGS.delta, accountant=FLAGS.accountant,

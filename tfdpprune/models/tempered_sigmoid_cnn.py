@@ -54,7 +54,7 @@ def _activation(params, name):
 def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
                          variant: Optional[str] = None, scale: float = 2.0,
                          inverse_temperature: float = 2.0,
-                         offset: float = 1.0) -> keras.Model:
+                         offset: float = 1.0, width: int = 1) -> keras.Model:
   """The paper's MNIST or CIFAR-10 CNN with tempered-sigmoid activations.
 
   "mnist": Conv(16, 8x8, s2, same) -> MaxPool(2, 1) -> Conv(32, 4x4, s2,
@@ -72,6 +72,9 @@ def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
     scale: s of the tempered sigmoid.
     inverse_temperature: T of the tempered sigmoid.
     offset: o of the tempered sigmoid.
+    width: multiplies every layer's channels / units (the study's wider
+      networks, e.g. pruned back to the base model's trained-parameter
+      count).
 
   Returns:
     An uncompiled functional `keras.Model` producing logits, named
@@ -90,30 +93,32 @@ def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
     raise ValueError(f"variant must be one of {_VARIANTS} or None, got "
                      f"{variant!r}")
   params = (float(scale), float(inverse_temperature), float(offset))
+  if not (isinstance(width, int) and width >= 1):
+    raise ValueError(f"width={width!r} must be an integer >= 1")
 
   if variant == "mnist":
-    h = keras.layers.Conv2D(16, 8, strides=2, padding="same",
+    h = keras.layers.Conv2D(16 * width, 8, strides=2, padding="same",
                             name="conv1")(inputs)
     h = _activation(params, "act1")(h)
     h = keras.layers.MaxPool2D(2, 1, padding=_common.padding_for(h, 2),
                                name="pool1")(h)
-    h = keras.layers.Conv2D(32, 4, strides=2,
+    h = keras.layers.Conv2D(32 * width, 4, strides=2,
                             padding=_common.padding_for(h, 4),
                             name="conv2")(h)
     h = _activation(params, "act2")(h)
     h = keras.layers.MaxPool2D(2, 1, padding=_common.padding_for(h, 2),
                                name="pool2")(h)
-    dense_units = 32
+    dense_units = 32 * width
   else:
     h = inputs
     for stage, filters in enumerate((32, 64, 128), start=1):
       for i in (1, 2):
-        h = keras.layers.Conv2D(filters, 3, padding="same",
+        h = keras.layers.Conv2D(filters * width, 3, padding="same",
                                 name=f"conv{stage}_{i}")(h)
         h = _activation(params, f"act{stage}_{i}")(h)
       h = keras.layers.MaxPool2D(2, 2, padding=_common.padding_for(h, 2),
                                  name=f"pool{stage}")(h)
-    dense_units = 128
+    dense_units = 128 * width
   h = keras.layers.Flatten(name="flatten")(h)
   h = keras.layers.Dense(dense_units, name="dense1")(h)
   h = _activation(params, "act_dense1")(h)
