@@ -430,3 +430,17 @@ def test_volume_patches_equal_tf_extract_volume_patches(shape, kernel,
       per_example_conv.volume_patches(x, kernel, strides, padding),
       tf.extract_volume_patches(x, (1,) + kernel + (1,),
                                 (1,) + strides + (1,), padding))
+
+
+def test_prune_warns_naming_generic_layers_and_the_fix(caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(3)
+  model = keras.Sequential([keras.Input((6, 4)), _Gated(name="gated"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+  with caplog.at_level(logging.INFO):
+    tdp.prune(model)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  assert any("gated (_Gated)" in w and "freeze" in w for w in warnings)
+  infos = "\n".join(r.getMessage() for r in caplog.records)
+  assert "dense" in infos and "einsum" in infos  # the report of every layer

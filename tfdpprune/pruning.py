@@ -380,11 +380,20 @@ def _log_report(model):
                  "\n".join(f"  {n} ({c}): {s}" for n, c, s in rows))
   slow = [f"{n} ({c})" for n, c, s in rows if s.startswith("generic")]
   if slow:
-    logging.info(
-        "tdp.prune: %s use the generic per-layer sampler (O(B) but slower "
-        "than a dedicated one); to speed them up, freeze them "
-        "(PruneConfig(granularity='layer', layers=...) or layer.trainable = "
-        "False) or register a dedicated sampler.", ", ".join(slow))
+    logging.warning(
+        "tdp.prune: %s use the generic per-layer sampler (a vectorized "
+        "per-example VJP of the layer: O(B), but slower than a dedicated "
+        "sampler). To speed them up, freeze them (PruneConfig(mode='freeze', "
+        "granularity='layer', scope='global', layers='<name regex>') or "
+        "layer.trainable = False) or register a dedicated sampler "
+        "(tfdpprune.per_example.register_sampler).", ", ".join(slow))
+  unwrapped = [f"{n} ({c})" for n, c, s in rows if s.startswith("NOT")]
+  if unwrapped:
+    logging.warning(
+        "tdp.prune: %s could not be wrapped (inside a subclassed model?): "
+        "their variables send the whole model to the optimizer's "
+        "whole-model jacobian (about B times slower). Build those parts "
+        "with the functional API, or freeze them.", ", ".join(unwrapped))
 
 
 def strip(model):
