@@ -173,3 +173,17 @@ def test_batch_norm_is_refused_with_the_reason(nested):
   assert "mix the examples of a batch" in message
   assert "per-example gradients" in message
   assert "GroupNormalization" in message
+
+
+def test_tempered_sigmoid_cnn_group_norm_option_uses_dp_friendly_layers():
+  import tfdpprune as tdp  # pylint: disable=g-import-not-at-top
+  model = models.get_model("tempered_sigmoid_cnn", (28, 28, 1), 10,
+                           norm="group", width=2)
+  names = [l.name for l in model.layers]
+  assert "gn_conv1" in names and "gn_conv2" in names
+  assert tdp.validate(model) == []
+  samplers = {s.split(":")[0] for _, _, s in tdp.pruning.report(
+      tdp.prune(model))}
+  assert samplers == {"conv2d", "normalization", "dense"}
+  with pytest.raises(ValueError, match="norm"):
+    models.get_model("tempered_sigmoid_cnn", (28, 28, 1), 10, norm="batch")

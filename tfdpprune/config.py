@@ -283,6 +283,7 @@ class TrainConfig:
   data_dir: Optional[str] = None
   model: str = "mlp"
   model_width: int = 1
+  model_norm: Optional[str] = None
   public_dataset: Optional[str] = None
   public_fraction: float = 0.0
   validation_fraction: float = 0.0
@@ -351,6 +352,8 @@ class TrainConfig:
       fail("optimizer", "must be 'sgd' or 'adam'")
     if not (isinstance(self.model_width, int) and self.model_width >= 1):
       fail("model_width", "must be an integer >= 1")
+    if self.model_norm not in (None, "group"):
+      fail("model_norm", "must be unset or 'group'")
     if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
       fail("ema_decay", "must be 0 (off) or in (0, 1)")
     if self.lr_schedule not in ("constant", "cosine"):

@@ -156,13 +156,16 @@ def build_model(config: TrainConfig, dataset, public):
   keras.utils.set_random_seed(config.seed)
   try:
     options = {"width": config.model_width} if config.model_width != 1 else {}
+    if config.model_norm is not None:
+      options["norm"] = config.model_norm
     model = models_lib.get_model(config.model, dataset.input_shape,
                                  dataset.num_classes, **options)
   except ValueError as e:
     raise _flag_error("model", config.model, e) from e
   except TypeError as e:
-    raise _flag_error("model_width", config.model_width,
-                      f"model {config.model!r} has no width option") from e
+    flag = "model_width" if config.model_width != 1 else "model_norm"
+    raise _flag_error(flag, getattr(config, flag),
+                      f"model {config.model!r} has no such option") from e
   models_lib.check_dp_compatible(model)
   if config.init_checkpoint:
     path = config.init_checkpoint

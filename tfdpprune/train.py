@@ -85,6 +85,8 @@ flags.DEFINE_string("model", _D.model, "Model name from tfdpprune.models.")
 flags.DEFINE_integer("model_width", _D.model_width, "Channel / unit "
                      "multiplier of the model (tempered_sigmoid_cnn), e.g. 2 "
                      "or 4 for the study's wider networks.")
+flags.DEFINE_enum("model_norm", None, ["group"], "group: GroupNormalization "
+                  "after every convolution (tempered_sigmoid_cnn).")
 flags.DEFINE_string("init_checkpoint", None, "Pre-trained weights to start "
                     "from (model.load_weights path).")
 # -- privacy & optimization ------------------------------------------------------
@@ -205,7 +207,7 @@ def config_from_flags() -> TrainConfig:
   epochs, steps = FLAGS.epochs, FLAGS.steps
   return TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
-      model_width=FLAGS.model_width,
+      model_width=FLAGS.model_width, model_norm=FLAGS.model_norm,
       public_dataset=FLAGS.public_dataset,
       public_fraction=FLAGS.public_fraction,
       validation_fraction=FLAGS.validation_fraction,

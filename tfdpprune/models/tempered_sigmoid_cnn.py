@@ -54,7 +54,8 @@ def _activation(params, name):
 def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
                          variant: Optional[str] = None, scale: float = 2.0,
                          inverse_temperature: float = 2.0,
-                         offset: float = 1.0, width: int = 1) -> keras.Model:
+                         offset: float = 1.0, width: int = 1,
+                         norm: Optional[str] = None) -> keras.Model:
   """The paper's MNIST or CIFAR-10 CNN with tempered-sigmoid activations.
 
   "mnist": Conv(16, 8x8, s2, same) -> MaxPool(2, 1) -> Conv(32, 4x4, s2,
@@ -75,6 +76,8 @@ def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
     width: multiplies every layer's channels / units (the study's wider
       networks, e.g. pruned back to the base model's trained-parameter
       count).
+    norm: None, or "group": GroupNormalization (per-example, DP-friendly;
+      up to 8 groups) after every convolution, before its activation.
 
   Returns:
     An uncompiled functional `keras.Model` producing logits, named
@@ -95,17 +98,25 @@ def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
   params = (float(scale), float(inverse_temperature), float(offset))
   if not (isinstance(width, int) and width >= 1):
     raise ValueError(f"width={width!r} must be an integer >= 1")
+  if norm not in (None, "group"):
+    raise ValueError(f"norm={norm!r} must be None or 'group'")
+
+  def normalized(h, name):
+    if norm is None:
+      return h
+    groups = next(g for g in (8, 4, 2, 1) if h.shape[-1] % g == 0)
+    return keras.layers.GroupNormalization(groups, name=f"gn_{name}")(h)
 
   if variant == "mnist":
     h = keras.layers.Conv2D(16 * width, 8, strides=2, padding="same",
                             name="conv1")(inputs)
-    h = _activation(params, "act1")(h)
+    h = _activation(params, "act1")(normalized(h, "conv1"))
     h = keras.layers.MaxPool2D(2, 1, padding=_common.padding_for(h, 2),
                                name="pool1")(h)
     h = keras.layers.Conv2D(32 * width, 4, strides=2,
                             padding=_common.padding_for(h, 4),
                             name="conv2")(h)
-    h = _activation(params, "act2")(h)
+    h = _activation(params, "act2")(normalized(h, "conv2"))
     h = keras.layers.MaxPool2D(2, 1, padding=_common.padding_for(h, 2),
                                name="pool2")(h)
     dense_units = 32 * width
@@ -115,7 +126,8 @@ def tempered_sigmoid_cnn(input_shape, num_classes: int, *,
       for i in (1, 2):
         h = keras.layers.Conv2D(filters * width, 3, padding="same",
                                 name=f"conv{stage}_{i}")(h)
-        h = _activation(params, f"act{stage}_{i}")(h)
+        h = _activation(params, f"act{stage}_{i}")(
+            normalized(h, f"conv{stage}_{i}"))
       h = keras.layers.MaxPool2D(2, 2, padding=_common.padding_for(h, 2),
                                  name=f"pool{stage}")(h)
     dense_units = 128 * width
