@@ -683,3 +683,17 @@ def test_augmentation_multiplicity_clips_each_examples_mean_gradient(
   for v, e in zip(model.trainable_variables, expected):
     np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6,
                                err_msg=v.name)
+
+
+def test_arguments_after_tf_privacys_num_microbatches_are_keyword_only():
+  with pytest.raises(TypeError):
+    tdp.MaskedDPKerasSGDOptimizer(1.0, 1.1, 6, 0.3)  # TF Privacy's 4th arg
+
+
+def test_num_microbatches_counts_examples_with_augmult():
+  x, y = _data(6)
+  model = tdp.prune(_small_cnn(seed=22))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(
+      1.0, 0.0, num_microbatches=3, augmentation_multiplicity=2,
+      learning_rate=0.1), _xent())
+  model.train_on_batch(x, y)  # 6 rows = 3 examples of 2 rows

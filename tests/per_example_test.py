@@ -437,10 +437,42 @@ def test_prune_warns_naming_generic_layers_and_the_fix(caplog):
   keras.utils.set_random_seed(3)
   model = keras.Sequential([keras.Input((6, 4)), _Gated(name="gated"),
                             keras.layers.Flatten(), keras.layers.Dense(3)])
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     tdp.prune(model)
   warnings = [r.getMessage() for r in caplog.records
               if r.levelno == logging.WARNING]
   assert any("gated (_Gated)" in w and "freeze" in w for w in warnings)
   infos = "\n".join(r.getMessage() for r in caplog.records)
   assert "dense" in infos and "einsum" in infos  # the report of every layer
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_layers_with_initial_state_inputs_match_loop(bidirectional):
+  keras.utils.set_random_seed(15)
+  inputs = keras.Input((5, 3))
+  h0 = keras.layers.Dense(4, activation="tanh")(
+      keras.layers.GlobalAveragePooling1D()(inputs))
+  if bidirectional:
+    rnn = keras.layers.Bidirectional(keras.layers.LSTM(4))
+    out = rnn(inputs, initial_state=[h0, h0, h0, h0])
+  else:
+    out = keras.layers.LSTM(4)(inputs, initial_state=[h0, h0])
+  model = keras.Model(inputs, keras.layers.Dense(3)(out))
+  x, y = _data((5, 3))
+  np.testing.assert_allclose(tdp.prune(model)(x).numpy(), model(x).numpy(),
+                             rtol=1e-5, atol=1e-6)
+  _check(model, x, y)
+
+
+def test_recurrent_dropout_model_is_validated_and_trains():
+  keras.utils.set_random_seed(16)
+  model = keras.Sequential([keras.Input((5, 3)),
+                            keras.layers.LSTM(4, recurrent_dropout=0.2),
+                            keras.layers.Dense(3)])
+  assert tdp.validate(model) == []
+  pm = tdp.prune(model)
+  assert pruning.report(pm)[0][2].startswith("generic")
+  pm.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.1),
+             _loss_fn())
+  x, y = _data((5, 3))
+  pm.train_on_batch(x, y)

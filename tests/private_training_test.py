@@ -96,3 +96,19 @@ def test_privacy_callback_warns_without_poisson_input_and_refuses_mismatch(
   assert not any("cannot confirm" in r.getMessage() for r in caplog.records)
   with pytest.raises(ValueError, match="q = .* over N = 1437"):
     tdp.PrivacyCallback(1437, 64, 1.0, dataset=batches)
+
+
+def test_privacy_callback_refuses_augmult_mismatch_with_the_optimizer():
+  x, y = _digits()
+  images = x.reshape(-1, 8, 8, 1)
+  keras.utils.set_random_seed(1)
+  model = tdp.prune(keras.Sequential([keras.Input((8, 8, 1)),
+                                      keras.layers.Flatten(),
+                                      keras.layers.Dense(10)]))
+  model.compile(tdp.MaskedDPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.1,
+                                              expected_batch_size=128),
+                _loss())
+  batches = tdp.poisson_dataset(images, y, 128, steps=2, augmult=4)
+  with pytest.raises(ValueError, match="4 augmented rows .* is 1"):
+    model.fit(batches, verbose=0, callbacks=[
+        tdp.PrivacyCallback(1437, 128, 1.0, dataset=batches)])

@@ -97,7 +97,7 @@ def parsed_flags():
   def parse(*args):
     FLAGS.unparse_flags()
     FLAGS(flagfile.expand(["train", *args]))
-    train._check_ignored_flags()  # pylint: disable=protected-access
+    train._check_ignored_flags(train.command_line_flags(["train", *args]))  # pylint: disable=protected-access
     return train.config_from_flags()
   yield parse
   FLAGS.unparse_flags()
@@ -525,13 +525,14 @@ def test_learning_rate_schedules():
   cosine = experiment.learning_rate(
       TrainConfig(learning_rate=0.5, lr_schedule="cosine",
                   lr_warmup_steps=10), 110)
-  assert float(cosine(0)) == pytest.approx(0.0, abs=1e-7)
+  assert float(cosine(0)) == pytest.approx(0.5 / 11, rel=1e-5)  # > 0
   assert float(cosine(10)) == pytest.approx(0.5, rel=1e-5)
   assert float(cosine(60)) == pytest.approx(0.25, rel=1e-4)
   assert float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
   warm = experiment.learning_rate(
       TrainConfig(learning_rate=0.5, lr_warmup_steps=4), 100)
-  assert float(warm(2)) == pytest.approx(0.25, rel=1e-5)
+  assert float(warm(0)) == pytest.approx(0.1, rel=1e-5)
+  assert float(warm(4)) == pytest.approx(0.5, rel=1e-5)
   assert float(warm(50)) == pytest.approx(0.5, rel=1e-5)
 
 
@@ -556,3 +557,13 @@ def test_model_width_multiplies_channels():
   with pytest.raises(ValueError, match="--model_width"):
     experiment.build_model(TrainConfig(model="mlp", model_width=2, steps=1),
                            data.load_dataset("digits"), None)
+
+
+def test_flagfile_defaults_do_not_count_as_ignored_flags(parsed_flags):
+  # base.cfg sets --momentum=0.9 (the default): Adam runs with the files.
+  config = parsed_flags(
+      f"--flagfile={ROOT}/flags/fashion_mnist/full_dpsgd.cfg",
+      "--optimizer=adam")
+  assert config.optimizer == "adam"
+  with pytest.raises(Exception, match="momentum"):
+    parsed_flags("--optimizer=adam", "--momentum=0.5")

@@ -86,7 +86,8 @@ class PrivacyCallback(keras.callbacks.Callback):
   Raises:
     ValueError: naming the argument, if an argument is out of range; if
       `dataset` samples another N or q; at train begin, if the optimizer's
-      `noise_multiplier` differs.
+      `noise_multiplier` or `augmentation_multiplicity` differs from the
+      callback's / dataset's.
     RuntimeError: at train begin, if the budget is already spent (Keras runs
       the first batch before it looks at `stop_training`).
   """
@@ -160,8 +161,21 @@ class PrivacyCallback(keras.callbacks.Callback):
       write_scalar("privacy/noise_multiplier", self.spec.noise_multiplier,
                    step)
 
+  def _check_augmult(self):
+    """The dataset's rows per example must be what the optimizer groups:
+    else each augmented copy is clipped alone (sensitivity K * C)."""
+    grouped = getattr(self.model.optimizer, "augmentation_multiplicity", 1)
+    rows = 1 if self.sampling is None else self.sampling.augmult
+    if self.sampling is not None and rows != grouped:
+      raise ValueError(
+          f"the dataset gives {rows} augmented rows per example but the "
+          f"optimizer's augmentation_multiplicity is {grouped}: each example "
+          "must be clipped as one (use the same K in tdp.poisson_dataset("
+          "augmult=K) and the optimizer)")
+
   def on_train_begin(self, logs=None):
     self._check_noise_multiplier()
+    self._check_augmult()
     if self.sampling is None:
       logging.warning(
           "PrivacyCallback cannot confirm that training batches are "

@@ -551,10 +551,13 @@ class PoissonSpec:
     num_examples: N, the examples sampled from.
     sampling_probability: q.
     num_steps: the steps of the whole run (batches yielded from start_step).
+    augmult: rows per example (augmentation multiplicity); the optimizer
+      must group the same number.
   """
   num_examples: int
   sampling_probability: float
   num_steps: int
+  augmult: int = 1
 
 
 def poisson_spec(dataset) -> Optional[PoissonSpec]:
@@ -562,8 +565,9 @@ def poisson_spec(dataset) -> Optional[PoissonSpec]:
   return getattr(dataset, "poisson_spec", None)
 
 
-def _tagged(dataset, n, q, num_steps):
-  dataset.poisson_spec = PoissonSpec(int(n), float(q), int(num_steps))
+def _tagged(dataset, n, q, num_steps, augmult):
+  dataset.poisson_spec = PoissonSpec(int(n), float(q), int(num_steps),
+                                     int(augmult))
   return dataset
 
 
@@ -688,7 +692,7 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
 
   steps = tf.data.Dataset.range(start_step, num_steps)
   return _tagged(steps.map(batch).prefetch(tf.data.AUTOTUNE), n,
-                 sampling_probability, num_steps)
+                 sampling_probability, num_steps, augmult)
 
 
 def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
@@ -750,7 +754,7 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
         tf.data.AUTOTUNE)
 
   return _tagged(strategy.distribute_datasets_from_function(dataset_fn), n,
-                 sampling_probability, num_steps)
+                 sampling_probability, num_steps, augmult)
 
 
 def poisson_truncation_probability(num_examples: int,

@@ -352,11 +352,12 @@ class MaskedDPGradients:
         "of each microbatch, a different mechanism with another sensitivity. "
         "Pass num_microbatches=None (or equal to the batch size; with "
         "Poisson-sampled, variable-size batches only None works).")
-    batch = loss.shape[0]
+    k = self._augmentation_multiplicity
+    batch = None if loss.shape[0] is None else loss.shape[0] // k
     if batch is not None and batch != n:
       raise ValueError(message.format(batch))
     if batch is None:
-      tf.debugging.assert_equal(tf.shape(loss)[0], n,
+      tf.debugging.assert_equal(tf.shape(loss)[0] // k, n,
                                 message=message.format("another number of"))
 
   def _check_models(self, var_list, loss):

@@ -206,19 +206,20 @@ def mirrored_strategy(cpu_replicas: int = 0):
 
 def learning_rate(config: TrainConfig, steps: int):
   """The learning rate or schedule: constant, or cosine decay to 0 over the
-  run, after `lr_warmup_steps` of linear warm-up from 0."""
+  run, after `lr_warmup_steps` of linear warm-up from lr / (W + 1) (every
+  step, which costs privacy, moves the weights)."""
   if config.lr_schedule == "constant" and not config.lr_warmup_steps:
     return config.learning_rate
+  lr = config.learning_rate
   warmup = min(config.lr_warmup_steps, max(steps - 1, 0))
+  start = lr / (warmup + 1) if warmup else lr
   if config.lr_schedule == "constant":
     return keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=1, alpha=1.0, warmup_target=config.learning_rate,
-        warmup_steps=warmup) if warmup else config.learning_rate
+        start, decay_steps=1, alpha=1.0, warmup_target=lr,
+        warmup_steps=warmup) if warmup else lr
   return keras.optimizers.schedules.CosineDecay(
-      0.0 if warmup else config.learning_rate,
-      decay_steps=max(steps - warmup, 1),
-      warmup_target=config.learning_rate if warmup else None,
-      warmup_steps=warmup)
+      start, decay_steps=max(steps - warmup, 1),
+      warmup_target=lr if warmup else None, warmup_steps=warmup)
 
 
 def make_optimizer(config: TrainConfig, sigma: float, steps: int = 1):

@@ -52,7 +52,7 @@ class MaskedDPKerasSGDOptimizer(dp_gradients.MaskedDPGradients,
       change between steps without retracing). Variables not named are fully
       selected. Masks of variables in `tdp.prune` wrappers are combined
       (multiplied) with these. (An integer here is TF Privacy's positional
-      `num_microbatches`.)
+      `num_microbatches`; every later argument is keyword-only.)
     expected_batch_size: divide the noised sum by this instead of the actual
       batch size (right for Poisson-sampled, variable-size batches).
     noise_seed: None (default): the noise key is secret, drawn from OS
@@ -78,7 +78,7 @@ class MaskedDPKerasSGDOptimizer(dp_gradients.MaskedDPGradients,
   model went through `tdp.prune`.
   """
 
-  def __init__(self, l2_norm_clip, noise_multiplier, masks=None,
+  def __init__(self, l2_norm_clip, noise_multiplier, masks=None, *,
                learning_rate=0.01, momentum=0.0, nesterov=False,
                expected_batch_size=None, noise_seed=None,
                name="MaskedDPKerasSGDOptimizer", **kwargs):
@@ -125,7 +125,10 @@ class MaskedDPKerasAdamOptimizer(dp_gradients.MaskedDPGradients,
   and second moments (nor `vhat` with amsgrad) in that step. The moments of
   a selected coordinate see the privatized (clipped, noised) gradient only,
   so Adam is post-processing of the DP gradients: the accounting is that of
-  DP-SGD.
+  DP-SGD. Bias correction uses the optimizer's global step, so a coordinate
+  first selected late takes a larger first step than Adam's usual one (about
+  lr * (1 - beta_1) / sqrt(1 - beta_2)); warm-up or select mode's re-draws
+  keep that bounded by the learning rate.
 
   ```python
   opt = tdp.MaskedDPKerasAdamOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
@@ -140,7 +143,7 @@ class MaskedDPKerasAdamOptimizer(dp_gradients.MaskedDPGradients,
       `keras.optimizers.legacy.Adam`.
   """
 
-  def __init__(self, l2_norm_clip, noise_multiplier, masks=None,
+  def __init__(self, l2_norm_clip, noise_multiplier, masks=None, *,
                learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                amsgrad=False, expected_batch_size=None, noise_seed=None,
                name="MaskedDPKerasAdamOptimizer", **kwargs):

@@ -221,6 +221,9 @@ class RecurrentSampler(per_example.Sampler):
     del training, kwargs
     if args:
       raise TypeError(f"{layer.name}: unexpected positional arguments")
+    if isinstance(inputs, (list, tuple)):  # Keras passes [x, *states]
+      inputs, states = inputs[0], list(inputs[1:])
+      initial_state = initial_state or states or None
     return _Recurrence(layer).run(inputs, mask, initial_state)
 
   def per_example(self, layer, captures, masks):
@@ -254,9 +257,11 @@ class BidirectionalSampler(per_example.Sampler):
   def forward(self, layer, inputs, *args, training=None, mask=None,
               initial_state=None, constants=None, **kwargs):
     del training, constants, kwargs
-    if args or isinstance(inputs, (list, tuple)):
-      raise TypeError(f"{layer.name}: states as extra inputs are not "
-                      "supported; pass initial_state=")
+    if args:
+      raise TypeError(f"{layer.name}: unexpected positional arguments")
+    if isinstance(inputs, (list, tuple)):  # Keras passes [x, *states]
+      inputs, states = inputs[0], list(inputs[1:])
+      initial_state = initial_state or states or None
     forward_state = backward_state = None
     if initial_state is not None:
       half = len(initial_state) // 2

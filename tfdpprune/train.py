@@ -231,9 +231,29 @@ def default_workdir(config: TrainConfig) -> str:
   return os.path.join("runs", f"{name}-{config.model}-{digest}")
 
 
-def _check_ignored_flags():
-  """Refuses flags given explicitly that the chosen mode would ignore."""
-  given = [name for name in FLAGS if FLAGS[name].present]
+# Flags written on the command line itself (not only in a flagfile).
+_COMMAND_LINE = set()
+
+
+def command_line_flags(argv):
+  """Names of the flags `argv` sets directly (`--name=v`, `--name`,
+  `--noname`), before flagfiles are expanded."""
+  names = set()
+  for arg in argv[1:]:
+    if arg.startswith("-") and arg != "--":
+      name = arg.lstrip("-").split("=", 1)[0]
+      names.add(name[2:] if name.startswith("no") and name[2:] in FLAGS
+                and name not in FLAGS else name)
+  return names
+
+
+def _check_ignored_flags(command_line=None):
+  """Refuses flags the chosen mode would ignore: any written on the command
+  line, and any set to a non-default value in a flagfile (a default value
+  from a shared base flagfile is harmless)."""
+  command_line = _COMMAND_LINE if command_line is None else command_line
+  given = [name for name in FLAGS if FLAGS[name].present and (
+      name in command_line or FLAGS[name].value != FLAGS[name].default)]
   ignored = {}
   if FLAGS.prune_mode == "none":
     for name in list(_PRUNE_FLAGS.values()) + ["granularity"]:
@@ -318,6 +338,8 @@ def main(argv):
 def parse_flags(argv):
   """absl's parser, after expanding flagfiles (nested paths resolve from the
   including file: `tfdpprune.flagfile`)."""
+  _COMMAND_LINE.clear()
+  _COMMAND_LINE.update(command_line_flags(argv))
   try:
     argv = flagfile.expand(argv)
   except (OSError, ValueError) as e:

@@ -126,7 +126,11 @@ def validate(model, strict: bool = False) -> List[Problem]:
     ['BatchNormalization']
   """
   layers, seen = [], set()
-  for layer in [model] + list(getattr(model, "submodules", ())):
+  # `_flatten_layers`, not `submodules`: the latter walks every attribute and
+  # fails on some layers' caches (e.g. recurrent dropout masks).
+  flatten = getattr(model, "_flatten_layers", None)
+  for layer in (flatten(include_self=True, recursive=True) if flatten
+                else [model]):
     if isinstance(layer, keras.layers.Layer) and id(layer) not in seen:
       seen.add(id(layer))
       layers.append(layer)
