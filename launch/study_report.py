@@ -219,6 +219,11 @@ def _save(plt, fig, path: str) -> None:
   plt.close(fig)
 
 
+def _span(counts: Sequence[int]) -> str:
+  lo, hi = min(counts), max(counts)
+  return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
 def plot_privacy_utility(lines: Dict[str, List[dict]], path: str) -> None:
   """Test accuracy vs epsilon per line (mean +- std) and the anchors."""
   plt = _figure()
@@ -232,7 +237,7 @@ def plot_privacy_utility(lines: Dict[str, List[dict]], path: str) -> None:
     dodge = 1.0 + 0.02 * (i - (n - 1) / 2)
     ax.errorbar([e * dodge for e in eps], acc, yerr=std, marker="o",
                 capsize=3, color=f"C{i}",
-                label=f"{name} (n = {min(counts)}–{max(counts)} seeds)")
+                label=f"{name} (n = {_span(counts)} seeds)")
   for j, (label, eps, acc) in enumerate(ANCHORS):
     ax.scatter([eps], [acc], marker="*^s"[j % 3], s=90, color="black",
                zorder=5, facecolors="none" if j == 2 else None,
