@@ -121,14 +121,20 @@ def difference(a: Sequence[float], b: Sequence[float],
   from scipy import stats  # pylint: disable=g-import-not-at-top
   if min(len(a), len(b)) < 2:
     raise ValueError(f"need >= 2 seeds per side, got {len(a)} and {len(b)}")
-  ma, sa = mean_std(a)
-  mb, sb = mean_std(b)
-  va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
-  se = (va + vb) ** 0.5
-  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-  half = stats.t.ppf(0.5 + confidence / 2, dof) * se
-  p = stats.ttest_ind(a, b, equal_var=False).pvalue
-  return ma - mb, ma - mb - half, ma - mb + half, float(p)
+  test = stats.ttest_ind(a, b, equal_var=False)
+  interval = test.confidence_interval(confidence)
+  return (statistics.fmean(a) - statistics.fmean(b), float(interval.low),
+          float(interval.high), float(test.pvalue))
+
+
+def _by_eps(rows: Sequence[dict], key: str) -> Dict[float, List[float]]:
+  """{target epsilon: [row[key], ...]} over rows that have both."""
+  out: Dict[float, List[float]] = {}
+  for r in rows:
+    value, eps = r.get(key), r.get("target_epsilon")
+    if isinstance(value, (int, float)) and eps is not None:
+      out.setdefault(float(eps), []).append(float(value))
+  return out
 
 
 def comparisons(lines: Dict[str, List[dict]], baseline: str = "dpsgd") -> str:
@@ -136,20 +142,13 @@ def comparisons(lines: Dict[str, List[dict]], baseline: str = "dpsgd") -> str:
   target epsilon where both have >= 2 seeds (Welch 95 % interval, p)."""
   if baseline not in lines:
     return ""
-  def by_eps(rows):
-    out: Dict[float, List[float]] = {}
-    for r in rows:
-      if r.get("target_epsilon") is not None:
-        out.setdefault(float(r["target_epsilon"]), []).append(
-            r["test_accuracy"])
-    return out
-  b = by_eps(lines[baseline])
+  b = _by_eps(lines[baseline], "test_accuracy")
   out = [f"| line | ε | line's accuracy | {baseline} | difference (points) "
          "| 95 % CI (Welch) | p (Welch t) |", "|---|---|---|---|---|---|---|"]
   for line, rows in lines.items():
     if line == baseline:
       continue
-    a = by_eps(rows)
+    a = _by_eps(rows, "test_accuracy")
     for eps in sorted(set(a) & set(b)):
       if min(len(a[eps]), len(b[eps])) < 2:
         continue
@@ -164,12 +163,8 @@ def comparisons(lines: Dict[str, List[dict]], baseline: str = "dpsgd") -> str:
 def _line_points(rows: Sequence[dict], key: str
                  ) -> List[Tuple[float, float, float, int]]:
   """[(target epsilon, mean, std, n)] of `key` grouped by target epsilon."""
-  by_eps: Dict[float, List[float]] = {}
-  for r in rows:
-    value, eps = r.get(key), r.get("target_epsilon")
-    if isinstance(value, (int, float)) and eps is not None:
-      by_eps.setdefault(float(eps), []).append(float(value))
-  return [(eps, *mean_std(v), len(v)) for eps, v in sorted(by_eps.items())]
+  return [(eps, *mean_std(v), len(v))
+          for eps, v in sorted(_by_eps(rows, key).items())]
 
 
 def _rows_with_targets(directory: str) -> List[dict]:
@@ -185,15 +180,19 @@ def _rows_with_targets(directory: str) -> List[dict]:
   return rows
 
 
-def final_lines(study_dir: str) -> Dict[str, List[dict]]:
-  """{line name: rows} for every directory under `<study>/final/`."""
-  final = os.path.join(study_dir, "final")
-  out = {}
-  for name in sorted(os.listdir(final)) if os.path.isdir(final) else []:
-    rows = [r for d in sweep_dirs(os.path.join(final, name))
-            for r in _rows_with_targets(d)]
-    if rows:
-      out[name] = rows
+def collect(study_dir: str) -> Dict[str, List[dict]]:
+  """{sweep path relative to `study_dir`: its rows (with targets)}."""
+  return {os.path.relpath(d, study_dir): _rows_with_targets(d)
+          for d in sweep_dirs(study_dir)}
+
+
+def final_lines(sweeps: Dict[str, List[dict]]) -> Dict[str, List[dict]]:
+  """{line name: rows} for `final/<line>/...` sweeps of `collect`."""
+  out: Dict[str, List[dict]] = {}
+  for path, rows in sorted(sweeps.items()):
+    parts = path.split(os.sep)
+    if len(parts) > 2 and parts[0] == "final":
+      out.setdefault(parts[1], []).extend(rows)
   return out
 
 
@@ -253,15 +252,16 @@ def plot_privacy_utility(lines: Dict[str, List[dict]], path: str) -> None:
   _save(plt, fig, path)
 
 
-def screen_lines(study_dir: str) -> Dict[float, Dict[str, List[dict]]]:
-  """{epsilon: {sweep name: rows}} under `<study>/screen_eps<E>/`."""
+def screen_lines(sweeps: Dict[str, List[dict]]
+                 ) -> Dict[float, Dict[str, List[dict]]]:
+  """{epsilon: {sweep name: rows}} for `screen_eps<E>/<name>` sweeps of
+  `collect`."""
   out: Dict[float, Dict[str, List[dict]]] = {}
-  for name in sorted(os.listdir(study_dir)):
-    if not name.startswith("screen_eps"):
-      continue
-    eps = float(name[len("screen_eps"):])
-    for d in sweep_dirs(os.path.join(study_dir, name)):
-      out.setdefault(eps, {})[os.path.basename(d)] = _rows_with_targets(d)
+  for path, rows in sorted(sweeps.items()):
+    parts = path.split(os.sep)
+    if len(parts) == 2 and parts[0].startswith("screen_eps"):
+      eps = float(parts[0][len("screen_eps"):])
+      out.setdefault(eps, {})[parts[1]] = rows
   return out
 
 
@@ -327,10 +327,10 @@ def report(study_dir: str, figures_dir: Optional[str] = None) -> str:
            "split carved from the training set (tuning and screening); "
            "test accuracy is reported for every run but choices were made "
            "on validation only.", ""]
-  for d in sweep_dirs(study_dir):
-    rows = _rows_with_targets(d)
-    parts += [f"## {os.path.relpath(d, study_dir)}", "", table(rows), ""]
-  lines = final_lines(study_dir)
+  sweeps = collect(study_dir)
+  for path, rows in sweeps.items():
+    parts += [f"## {path}", "", table(rows), ""]
+  lines = final_lines(sweeps)
   compared = comparisons(lines)
   if compared:
     parts += ["## Each final line vs dpsgd (held-out seeds, test accuracy)",
@@ -338,7 +338,7 @@ def report(study_dir: str, figures_dir: Optional[str] = None) -> str:
               ""]
   if lines:
     plot_privacy_utility(lines, os.path.join(figures_dir, "privacy_utility"))
-  screens = screen_lines(study_dir)
+  screens = screen_lines(sweeps)
   if screens:
     plot_sparsity(screens, os.path.join(figures_dir, "sparsity"))
   text = "\n".join(parts)

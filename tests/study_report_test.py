@@ -86,14 +86,14 @@ def test_report_tables_and_figures(study, tmp_path):
   with open(os.path.join(study, "report.md")) as f:
     assert f.read() == text
 
-  lines = study_report.final_lines(study)
+  lines = study_report.final_lines(study_report.collect(study))
   assert list(lines) == ["best", "dpsgd"]
   points = study_report._line_points(  # pylint: disable=protected-access
       lines["dpsgd"], "test_accuracy")
   assert [(p[0], p[3]) for p in points] == [(3.0, 3), (8.0, 1)]
   assert points[0][1] == pytest.approx(0.82)
 
-  screens = study_report.screen_lines(study)
+  screens = study_report.screen_lines(study_report.collect(study))
   assert list(screens) == [1.0]
   assert sorted(screens[1.0]) == ["group", "plain", "select_random"]
   for name in ("privacy_utility", "sparsity"):
