@@ -3,7 +3,8 @@
 #
 #   bash launch/study.sh [OUT] [STAGES]     # OUT default runs/study
 #
-# STAGES is a comma list of tune,screen,final,report (default: all, in order);
+# STAGES is a comma list of tune,screen,scatter,final,report (default: all, in
+# order);
 # DRY_RUN=1 prints the trainer commands instead of running them.
 # Every stage is a set of `launch.sweep` runs: rerunning the same command skips
 # finished runs and resumes interrupted ones, so the study survives a crash.
@@ -17,15 +18,28 @@
 #           random x 5 sparsities, select random 80/90 % at twice the
 #           learning rate, select magnitude, freeze random, GroupNorm, the
 #           x2-wide model pruned back to the base parameter count, and
-#           augmentation multiplicity K = 2 at eps 3 (31 runs).
+#           augmentation multiplicity K = 2 at eps 3; at eps 1, selection
+#           re-drawn every epoch (29 steps) instead of every step,
+#           per-layer vs global magnitude selection, public pre-training
+#           with and without layer freezing, and public-gradient selection
+#           (37 runs).
 #           Chose flags/fashion_mnist/best_eps{1,3}.cfg.
+#   scatter seed 0, validation split: ScatterNet + linear (scattering features,
+#           Tramer & Boneh 2021), learning rate at eps 1 and 3, and selection
+#           on its Dense layer at eps 1 (16 runs). Chose best_eps{1,3}.cfg.
 #   final   held-out seeds 1,2,3 on the test set: dpsgd_eps{1,3}.cfg (=
 #           best_eps{1,3}.cfg), select random / magnitude 80 % at eps 1, and
-#           the eps sweep of plain DP-SGD (0.5, 2, 8; seed 1). 15 runs.
+#           the eps sweep of plain DP-SGD (0.5, 2, 8; seed 1); ScatterNet +
+#           linear (= best_eps{1,3}.cfg) at eps 1 and 3 and its eps sweep.
+#           24 runs.
 #   report  python -m launch.study_report: tables (report.md) and figures.
 #
-# Measured on the 2-core machine, two runs at once: 4-5.5 min per run (GroupNorm
-# and the x2-wide model 9.5-11 min), so the 74 runs take about 3.5-4 hours.
+# Measured on the 2-core machine, two runs at once: 4-5.5 min per CNN run (GroupNorm
+# and the x2-wide model 9.5-11 min), 3.6-6.8 min per ScatterNet run once its
+# features are cached, so the 105 runs take about 4.5-5 hours. The scattering
+# features are computed once into $TFDPPRUNE_FEATURE_CACHE (default
+# ~/.cache/tfdpprune/features): a transform of the private data, kept outside
+# the study's (released) run directories.
 # The privacy cost of the search: tuning and screening read only the training
 # split and a validation split carved from it (never the test set); their runs
 # are NOT accounted in the final models' epsilon, as is usual in the papers we
@@ -34,7 +48,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/study}
-STAGES=${2:-tune,screen,final,report}
+STAGES=${2:-tune,screen,scatter,final,report}
 PY=${PYTHON:-python}
 FLAGS_DIR=flags/fashion_mnist
 SCREEN_X='--validation_fraction=0.1 --ema_decay=0.995'
@@ -74,6 +88,25 @@ if has screen; then
     sweep "$s/freeze_random" "$base" \
       'prune_mode=freeze;prune_method=random;sparsity=0.5,0.9' 0 "$SCREEN_X"
     sweep "$s/group" "$base" 'model_norm=group' 0 "$SCREEN_X"
+    if [ $e = 1 ]; then  # how and how often to select, at eps 1 only
+      sweep "$s/epoch_select_random_lr" "$base" \
+        'prune_mode=select;prune_method=random;sparsity=0.8;learning_rate=4;every_k_steps=29' \
+        0 "$SCREEN_X"
+      sweep "$s/scope_select_magnitude_lr" "$base" \
+        'prune_mode=select;prune_method=magnitude;sparsity=0.8;learning_rate=4;prune_scope=per_layer,global' \
+        0 "$SCREEN_X"
+      # Public data: pre-training on a 10 % public split, then DP fine-tuning
+      # (all layers, or with whole layers frozen by public gradients), and
+      # selection by public gradients on a 2 % public split.
+      sweep "$s/public_pretrain" "$base" \
+        'public_fraction=0.1;public_pretrain_epochs=10' 0 "$SCREEN_X"
+      sweep "$s/public_pretrain_freeze_layers" "$base" \
+        'public_fraction=0.1;public_pretrain_epochs=10;prune_mode=freeze;pruned=keep;granularity=layer;prune_scope=global;prune_method=public_gradient;sparsity=0.5' \
+        0 "$SCREEN_X"
+      sweep "$s/public_gradient_select_lr" "$base" \
+        'public_fraction=0.02;prune_mode=select;prune_method=public_gradient;sparsity=0.8;learning_rate=4' \
+        0 "$SCREEN_X"
+    fi
     if [ $e = 3 ]; then  # K x the compute: measured at eps 3 only
       sweep "$s/augmult" "$base" 'augmult=2' 0 "$SCREEN_X"
     fi
@@ -84,10 +117,25 @@ if has screen; then
   done
 fi
 
+if has scatter; then
+  # ScatterNet + linear (scatternet_linear.cfg): the learning rate at eps 1
+  # and 3, then selection on its one Dense layer at eps 1 (seed 0,
+  # validation split, no EMA).
+  export TFDPPRUNE_FEATURE_CACHE=${TFDPPRUNE_FEATURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tfdpprune/features}
+  scat=$FLAGS_DIR/scatternet_linear.cfg
+  sweep "$OUT/scatternet/tune_eps1" $scat \
+    'target_epsilon=1;learning_rate=2,4,8,16,32' 0 '--validation_fraction=0.1'
+  sweep "$OUT/scatternet/tune_eps3" $scat \
+    'target_epsilon=3;learning_rate=4,8,16,32,64' 0 '--validation_fraction=0.1'
+  sweep "$OUT/scatternet/screen_eps1/select_random" $scat \
+    'target_epsilon=1;prune_mode=select;prune_method=random;sparsity=0.5,0.8,0.9;learning_rate=8,16' \
+    0 '--validation_fraction=0.1'
+fi
+
 if has final; then
-  # best_eps{1,3}.cfg are the plain files (no screened change beat them on the
-  # validation split), so the final lines are plain DP-SGD and, for random vs
-  # magnitude with error bars, select 80 % at the learning rate that suited it.
+  # The tanh CNN: plain DP-SGD (no screened change beat it on the validation
+  # split) and, for random vs magnitude with error bars, select 80 % at the
+  # learning rate that suited it.
   for e in 1 3; do
     sweep "$OUT/final/dpsgd/eps$e" $FLAGS_DIR/dpsgd_eps$e.cfg \
       "target_epsilon=$e" 1,2,3
@@ -101,6 +149,18 @@ if has final; then
       'target_epsilon=1' 1,2,3 \
       "--prune_mode=select --prune_method=$m --sparsity=0.8 --learning_rate=4"
   done
+  # ScatterNet + linear at the tuned learning rates (= best_eps{1,3}.cfg: no
+  # selection setting beat it on the validation split), and its eps sweep.
+  export TFDPPRUNE_FEATURE_CACHE=${TFDPPRUNE_FEATURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tfdpprune/features}
+  scat=$FLAGS_DIR/scatternet_linear.cfg
+  sweep "$OUT/final/scatternet/eps1" $scat 'target_epsilon=1' 1,2,3 \
+    '--learning_rate=8'
+  sweep "$OUT/final/scatternet/eps_low" $scat 'target_epsilon=0.5' 1 \
+    '--learning_rate=8'
+  sweep "$OUT/final/scatternet/eps3" $scat 'target_epsilon=3' 1,2,3 \
+    '--learning_rate=32'
+  sweep "$OUT/final/scatternet/eps_high" $scat 'target_epsilon=2,8' 1 \
+    '--learning_rate=32'
 fi
 
 if has report; then

@@ -42,6 +42,14 @@ ANCHORS = (
     ("Tramèr & Boneh 2021, ScatterNet + linear", 3.0, 0.897),
     ("Papernot et al. 2021, tempered sigmoid (ε < 3)", 3.0, 0.861),
 )
+# Legend names of the final lines (directories under `final/`); others show
+# their directory name.
+LINE_LABELS = {
+    "dpsgd": "tanh CNN, DP-SGD (dpsgd_eps*)",
+    "scatternet": "ScatterNet + linear (best_eps*)",
+    "select_random_80": "tanh CNN, select random 80 %, 2× lr",
+    "select_magnitude_80": "tanh CNN, select magnitude 80 %, 2× lr",
+}
 # Result keys shown in the tables: (key, header, format).
 COLUMNS = (
     ("validation_accuracy", "validation acc.", "pct"),
@@ -236,7 +244,8 @@ def plot_privacy_utility(lines: Dict[str, List[dict]], path: str) -> None:
     dodge = 1.0 + 0.02 * (i - (n - 1) / 2)
     ax.errorbar([e * dodge for e in eps], acc, yerr=std, marker="o",
                 capsize=3, color=f"C{i}",
-                label=f"{name} (n = {_span(counts)} seeds)")
+                label=f"{LINE_LABELS.get(name, name)} "
+                f"(n = {_span(counts)} seeds)")
   for j, (label, eps, acc) in enumerate(ANCHORS):
     ax.scatter([eps], [acc], marker="*^s"[j % 3], s=90, color="black",
                zorder=5, facecolors="none" if j == 2 else None,
@@ -245,7 +254,7 @@ def plot_privacy_utility(lines: Dict[str, List[dict]], path: str) -> None:
   _log_ticks(ax.xaxis, (0.5, 1, 2, 3, 4, 8))
   ax.set_xlabel("ε (δ = 1e-5)")
   ax.set_ylabel("test accuracy")
-  ax.set_title("Fashion-MNIST, tanh CNN: accuracy vs ε (mean ± std over "
+  ax.set_title("Fashion-MNIST: accuracy vs ε (mean ± std over "
                "held-out seeds)", fontsize="medium")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize="small", loc="lower right")

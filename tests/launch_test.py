@@ -120,10 +120,10 @@ def _jobs(tmp_path, modes):
           for i, mode in enumerate(modes)]
 
 
-def _start(launcher, jobs):
+def _start(launcher, jobs, on_done=None):
   result = {}
   thread = threading.Thread(
-      target=lambda: result.update(launcher.run(jobs)), daemon=True)
+      target=lambda: result.update(launcher.run(jobs, on_done)), daemon=True)
   thread.start()
   return thread, result
 
@@ -161,8 +161,11 @@ def test_launcher_limits_parallelism_and_forwards_sigterm(tmp_path):
 def test_second_stop_kills_and_failures_are_described(tmp_path):
   jobs = _jobs(tmp_path, ["ignore", "fail"])
   launcher = sweep.Launcher(max_parallel=2)
-  thread, codes = _start(launcher, jobs)
+  failed = threading.Event()
+  thread, codes = _start(launcher, jobs,
+                         on_done=lambda job, code: failed.set())
   _wait_started(jobs, 2)
+  assert failed.wait(timeout=60)  # job1 has exited on its own (loaded CPUs)
   launcher.stop()
   launcher.stop()  # SIGTERM is ignored by job0: the second stop kills it
   thread.join(timeout=30)

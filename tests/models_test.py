@@ -41,7 +41,7 @@ def _scratch_registry(monkeypatch):
 
 def test_available_models_lists_every_architecture():
   assert models.available_models() == sorted(
-      ["mlp", "resnet_small", "tempered_sigmoid_cnn", "tutorial_cnn",
+      ["linear", "mlp", "resnet_small", "tempered_sigmoid_cnn", "tutorial_cnn",
        "wide_resnet", "wrn16_4"])
 
 
@@ -49,14 +49,15 @@ def test_duplicate_name_is_refused(scratch_registry):
   with pytest.raises(ValueError, match="'tutorial_cnn' is already registered"):
     models.register("tutorial_cnn")(lambda input_shape, num_classes: None)
 
-  @models.register("linear")
+  @models.register("my_linear")
   def linear(input_shape, num_classes):
     return models.get_model("mlp", input_shape, num_classes, hidden=())
 
-  assert "linear" in models.available_models() and "linear" in scratch_registry
-  assert models.get_model("linear", (3,), 2).count_params() == 3 * 2 + 2
+  assert "my_linear" in models.available_models()
+  assert "my_linear" in scratch_registry
+  assert models.get_model("my_linear", (3,), 2).count_params() == 3 * 2 + 2
   with pytest.raises(ValueError, match="already registered"):
-    models.register("linear")(linear)
+    models.register("my_linear")(linear)
 
 
 def test_unknown_model_lists_available():

@@ -284,6 +284,7 @@ class TrainConfig:
   model: str = "mlp"
   model_width: int = 1
   model_norm: Optional[str] = None
+  features: Optional[str] = None
   public_dataset: Optional[str] = None
   public_fraction: float = 0.0
   validation_fraction: float = 0.0
@@ -354,6 +355,11 @@ class TrainConfig:
       fail("model_width", "must be an integer >= 1")
     if self.model_norm not in (None, "group"):
       fail("model_norm", "must be unset or 'group'")
+    if self.features not in (None, "scattering"):
+      fail("features", "must be unset or 'scattering'")
+    if self.features is not None and self.augmult != 1:
+      fail("augmult", f"must be 1 with --features={self.features} (the "
+           "augmentations crop and flip images, not features)")
     if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
       fail("ema_decay", "must be 0 (off) or in (0, 1)")
     if self.lr_schedule not in ("constant", "cosine"):

@@ -3,11 +3,13 @@ evaluate, log, save. Flags are parsed in `train.py`; this module takes a
 validated `TrainConfig` and a working directory.
 """
 
+import dataclasses
 import json
 import math
 import os
 import platform
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -21,6 +23,7 @@ from tfdpprune import masks as masks_lib
 from tfdpprune import randomness
 from tfdpprune import models as models_lib
 from tfdpprune import pruning
+from tfdpprune import scattering
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 from tfdpprune.config import TrainConfig
@@ -83,6 +86,32 @@ def load_data(config: TrainConfig):
   elif config.public_fraction > 0:
     dataset, public = data_lib.split_public(dataset, config.public_fraction,
                                             seed=config.seed)
+  if config.features is not None:
+    dataset, public = _with_features(config, dataset, public)
+  return dataset, public
+
+
+# A directory (outside any run directory) to keep computed features in.
+FEATURE_CACHE_ENV = "TFDPPRUNE_FEATURE_CACHE"
+
+
+def _with_features(config: TrainConfig, dataset, public):
+  """The data with every image replaced by its fixed features: a public,
+  data-independent map applied to each example alone, so the DP guarantee
+  on the features is the guarantee on the images."""
+  try:
+    scattering.Scattering2D().build(dataset.x_train.shape)
+  except ValueError as e:
+    raise _flag_error("features", config.features, e) from e
+  def features(x):
+    return scattering.transform(
+        x, progress="scattering features" if sys.stderr.isatty() else None,
+        cache_dir=os.environ.get(FEATURE_CACHE_ENV) or None)
+
+  dataset = dataclasses.replace(dataset, x_train=features(dataset.x_train),
+                                x_test=features(dataset.x_test))
+  if public is not None:
+    public = (features(public[0]), public[1])
   return dataset, public
 
 
@@ -115,7 +144,8 @@ def plan(config: TrainConfig, num_examples: int):
 
 
 # The flags a run's epsilon depends on: a resume must not change them.
-PRIVACY_FLAGS = ("dataset", "data_dir", "public_dataset", "public_fraction",
+PRIVACY_FLAGS = ("dataset", "data_dir", "features", "public_dataset",
+                 "public_fraction",
                  "validation_fraction",
                  "batch_size", "epochs", "steps", "noise_multiplier",
                  "target_epsilon", "l2_norm_clip", "delta", "accountant",

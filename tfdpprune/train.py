@@ -86,7 +86,14 @@ flags.DEFINE_integer("model_width", _D.model_width, "Channel / unit "
                      "multiplier of the model (tempered_sigmoid_cnn), e.g. 2 "
                      "or 4 for the study's wider networks.")
 flags.DEFINE_enum("model_norm", None, ["group"], "group: GroupNormalization "
-                  "after every convolution (tempered_sigmoid_cnn).")
+                  "after every convolution (tempered_sigmoid_cnn), or on the "
+                  "inputs (linear, mlp).")
+flags.DEFINE_enum("features", None, ["scattering"], "Fixed, public features "
+                  "computed once from every image before training: "
+                  "scattering = ScatterNet (J=2, L=8: 81 channels per image "
+                  "channel at 1/4 resolution; Tramer & Boneh 2021). The model "
+                  "then takes features (e.g. --model=linear "
+                  "--model_norm=group).")
 flags.DEFINE_string("init_checkpoint", None, "Pre-trained weights to start "
                     "from (model.load_weights path).")
 # -- privacy & optimization ------------------------------------------------------
@@ -208,6 +215,7 @@ def config_from_flags() -> TrainConfig:
   return TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
       model_width=FLAGS.model_width, model_norm=FLAGS.model_norm,
+      features=FLAGS.features,
       public_dataset=FLAGS.public_dataset,
       public_fraction=FLAGS.public_fraction,
       validation_fraction=FLAGS.validation_fraction,

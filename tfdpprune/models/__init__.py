@@ -98,6 +98,7 @@ def check_dp_compatible(model: keras.Model) -> None:
 register("tutorial_cnn")(_tutorial.tutorial_cnn)
 register("tempered_sigmoid_cnn")(_tempered.tempered_sigmoid_cnn)
 register("mlp")(_mlp.mlp)
+register("linear")(_mlp.linear)
 register("wide_resnet")(_resnet.wide_resnet)
 register("wrn16_4")(_resnet.wrn16_4)
 register("resnet_small")(_resnet.resnet_small)
