@@ -151,7 +151,7 @@ class Scattering2D(keras.layers.Layer):
     orders.append(tf.reshape(s1, [b, c, self.J * self.L, h // step,
                                   w // step]))
     for j1 in range(self.J - 1):
-      # [B, C, L, 1, 1, S, S] x [J - j1 - 1, L, S, S]: every finer path.
+      # [B, C, L, 1, 1, S, S] x [J - j1 - 1, L, S, S]: every coarser j2 > j1.
       u2 = tf.abs(tf.signal.ifft2d(
           u1_hat[:, :, j1, :, None, None] * psi[None, j1 + 1:]))
       s2 = self._lowpass(tf.signal.fft2d(tf.cast(u2, tf.complex64)))
@@ -174,7 +174,8 @@ class Scattering2D(keras.layers.Layer):
 
 
 def transform(x: np.ndarray, *, J: int = 2, L: int = 8,
-              batch_size: int = 500, progress: Optional[str] = None,
+              batch_size: Optional[int] = None,
+              progress: Optional[str] = None,
               cache_dir: Optional[str] = None) -> np.ndarray:
   """Scattering features of float32 NHWC images, computed in batches.
 
@@ -182,8 +183,9 @@ def transform(x: np.ndarray, *, J: int = 2, L: int = 8,
     x: `[N, H, W, C]` float32 images.
     J: number of scales (resolution reduced by `2**J`).
     L: number of orientations.
-    batch_size: examples per batch (memory: about 3 MB per example at
-      J=2, L=8, 28x28).
+    batch_size: examples per batch; default: about 500 for 28x28x1 at
+      J=2, L=8 (about 3 MB per example), fewer for larger images, so a
+      batch stays near 1.5 GB.
     progress: a label to show a tqdm progress bar under, or None.
     cache_dir: a directory to keep the features in, keyed by a digest of
       `x`, J and L, so the next run skips the computation (about 2 minutes
@@ -210,6 +212,12 @@ def transform(x: np.ndarray, *, J: int = 2, L: int = 8,
 
 
 def _compute(x, J, L, batch_size, progress):
+  if batch_size is None:
+    # The second-order moduli dominate: C * L * L * J(J-1)/2 complex maps of
+    # the padded size per example.
+    side = max(x.shape[1], x.shape[2]) + 2 * 2 ** J
+    maps = x.shape[3] * max(1, L * L * J * (J - 1) // 2 + J * L)
+    batch_size = max(1, int(4e7 // (maps * side * side)))
   layer = Scattering2D(J=J, L=L)
   layer.build(x.shape)
   fn = tf.function(layer.call, reduce_retracing=True)
