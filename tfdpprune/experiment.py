@@ -103,6 +103,7 @@ def _with_features(config: TrainConfig, dataset, public):
     scattering.Scattering2D().build(dataset.x_train.shape)
   except ValueError as e:
     raise _flag_error("features", config.features, e) from e
+
   def features(x):
     return scattering.transform(
         x, progress="scattering features" if sys.stderr.isatty() else None,
