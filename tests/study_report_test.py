@@ -123,9 +123,9 @@ def test_study_script_dry_run_lists_every_run(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   commands = [l for l in proc.stdout.splitlines() if "tfdpprune.train" in l]
   # tune 2*3*2*2 + 4; screen per eps 2+5+2+2+2+1+1 (+1 augmult at eps 3,
-  # +3 selection schedule and scope, +3 public data at eps 1);
+  # +3 selection schedule and scope, +3 public data, +1 x4-wide at eps 1);
   # scatter 5+5+6; final 3+3+1+2+3+3 (CNN) + 3+1+3+2 (ScatterNet).
-  assert len(commands) == 28 + 2 * 15 + 1 + 3 + 3 + 16 + 15 + 9
+  assert len(commands) == 28 + 2 * 15 + 1 + 3 + 3 + 1 + 16 + 15 + 9
   assert sum("--prune_method=magnitude --sparsity=0.8 --learning_rate=4" in c
              for c in commands) == 3
   assert sum("--workdir=" + str(tmp_path / "s" / "final") in c
