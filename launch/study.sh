@@ -52,6 +52,10 @@ STAGES=${2:-tune,screen,scatter,final,report}
 PY=${PYTHON:-python}
 FLAGS_DIR=flags/fashion_mnist
 SCREEN_X='--validation_fraction=0.1 --ema_decay=0.995'
+SCAT=$FLAGS_DIR/scatternet_linear.cfg
+# ScatterNet features are computed once, into a directory outside the study's
+# (released) run directories.
+export TFDPPRUNE_FEATURE_CACHE=${TFDPPRUNE_FEATURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tfdpprune/features}
 
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 sweep() {  # sweep OUT BASE GRID SEEDS [EXTRA]
@@ -125,13 +129,11 @@ if has scatter; then
   # ScatterNet + linear (scatternet_linear.cfg): the learning rate at eps 1
   # and 3, then selection on its one Dense layer at eps 1 (seed 0,
   # validation split, no EMA).
-  export TFDPPRUNE_FEATURE_CACHE=${TFDPPRUNE_FEATURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tfdpprune/features}
-  scat=$FLAGS_DIR/scatternet_linear.cfg
-  sweep "$OUT/scatternet/tune_eps1" $scat \
+  sweep "$OUT/scatternet/tune_eps1" $SCAT \
     'target_epsilon=1;learning_rate=2,4,8,16,32' 0 '--validation_fraction=0.1'
-  sweep "$OUT/scatternet/tune_eps3" $scat \
+  sweep "$OUT/scatternet/tune_eps3" $SCAT \
     'target_epsilon=3;learning_rate=4,8,16,32,64' 0 '--validation_fraction=0.1'
-  sweep "$OUT/scatternet/screen_eps1/select_random" $scat \
+  sweep "$OUT/scatternet/screen_eps1/select_random" $SCAT \
     'target_epsilon=1;prune_mode=select;prune_method=random;sparsity=0.5,0.8,0.9;learning_rate=8,16' \
     0 '--validation_fraction=0.1'
 fi
@@ -155,15 +157,13 @@ if has final; then
   done
   # ScatterNet + linear at the tuned learning rates (= best_eps{1,3}.cfg: no
   # selection setting beat it on the validation split), and its eps sweep.
-  export TFDPPRUNE_FEATURE_CACHE=${TFDPPRUNE_FEATURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tfdpprune/features}
-  scat=$FLAGS_DIR/scatternet_linear.cfg
-  sweep "$OUT/final/scatternet/eps1" $scat 'target_epsilon=1' 1,2,3 \
+  sweep "$OUT/final/scatternet/eps1" $SCAT 'target_epsilon=1' 1,2,3 \
     '--learning_rate=8'
-  sweep "$OUT/final/scatternet/eps_low" $scat 'target_epsilon=0.5' 1 \
+  sweep "$OUT/final/scatternet/eps_low" $SCAT 'target_epsilon=0.5' 1 \
     '--learning_rate=8'
-  sweep "$OUT/final/scatternet/eps3" $scat 'target_epsilon=3' 1,2,3 \
+  sweep "$OUT/final/scatternet/eps3" $SCAT 'target_epsilon=3' 1,2,3 \
     '--learning_rate=32'
-  sweep "$OUT/final/scatternet/eps_high" $scat 'target_epsilon=2,8' 1 \
+  sweep "$OUT/final/scatternet/eps_high" $SCAT 'target_epsilon=2,8' 1 \
     '--learning_rate=32'
 fi
 

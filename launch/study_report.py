@@ -21,7 +21,6 @@ Layout read (every leaf is a `launch.sweep --out` directory):
   python -m launch.study_report --study_dir=runs/study [--figures_dir=docs]
 """
 
-import json
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,18 +61,33 @@ COLUMNS = (
 )
 
 
-def sweep_dirs(study_dir: str) -> List[str]:
-  """Every directory under `study_dir` holding finished sweep runs, sorted."""
-  found = []
+def _study_fields(results: dict) -> dict:
+  """The fields the report adds to `sweep.collect_results` rows."""
+  return {"target_epsilon": results["config"].get("target_epsilon"),
+          "test_accuracy_last_iterate": results.get(
+              "test_accuracy_last_iterate"),
+          "validation_accuracy": results.get("validation_accuracy")}
+
+
+def _sweeps(study_dir: str) -> Dict[str, List[dict]]:
+  """{sweep directory: its rows} for every directory under `study_dir`
+  holding finished sweep runs, sorted; each results.json is read once."""
+  found: Dict[str, List[dict]] = {}
   for root, dirs, _ in os.walk(study_dir, followlinks=True):
     dirs.sort()
     if os.path.exists(os.path.join(root, sweep.META)):
       dirs[:] = []  # a run, not a sweep
       continue
-    if sweep.collect_results(root):
-      found.append(root)
+    rows = sweep.collect_results(root, extra=_study_fields)
+    if rows:
+      found[root] = rows
       dirs[:] = []  # runs hold no sweeps
   return found
+
+
+def sweep_dirs(study_dir: str) -> List[str]:
+  """Every directory under `study_dir` holding finished sweep runs, sorted."""
+  return list(_sweeps(study_dir))
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -175,23 +189,10 @@ def _line_points(rows: Sequence[dict], key: str
           for eps, v in sorted(_by_eps(rows, key).items())]
 
 
-def _rows_with_targets(directory: str) -> List[dict]:
-  """collect_results rows plus each run's target epsilon (from its config)."""
-  rows = sweep.collect_results(directory)
-  for r in rows:
-    with open(os.path.join(r["workdir"], "results.json")) as f:
-      results = json.load(f)
-    r["target_epsilon"] = results["config"].get("target_epsilon")
-    r["test_accuracy_last_iterate"] = results.get(
-        "test_accuracy_last_iterate")
-    r["validation_accuracy"] = results.get("validation_accuracy")
-  return rows
-
-
 def collect(study_dir: str) -> Dict[str, List[dict]]:
   """{sweep path relative to `study_dir`: its rows (with targets)}."""
-  return {os.path.relpath(d, study_dir): _rows_with_targets(d)
-          for d in sweep_dirs(study_dir)}
+  return {os.path.relpath(d, study_dir): rows
+          for d, rows in _sweeps(study_dir).items()}
 
 
 def final_lines(sweeps: Dict[str, List[dict]]) -> Dict[str, List[dict]]:

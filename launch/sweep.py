@@ -328,11 +328,14 @@ def method_of(values: Dict[str, str]) -> str:
   return ", ".join(kept) or "DP-SGD"
 
 
-def collect_results(out: str) -> List[dict]:
+def collect_results(out: str,
+                    extra: Optional[Callable[[dict], dict]] = None
+                    ) -> List[dict]:
   """One row per finished sweep run under `out`, sorted by workdir.
 
   A row holds `flag:<name>` (grid values, as strings), `seed`, the METRICS
-  from results.json, `method` and `workdir`.
+  from results.json, `method` and `workdir`; `extra(results)` adds more
+  fields from the same results.json.
   """
   rows = []
   for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
@@ -350,6 +353,8 @@ def collect_results(out: str) -> List[dict]:
     row.update({k: results.get(k) for k in METRICS})
     row["method"] = method_of(grid)
     row["workdir"] = workdir
+    if extra is not None:
+      row.update(extra(results))
     rows.append(row)
   return rows
 

@@ -99,17 +99,16 @@ def _with_features(config: TrainConfig, dataset, public):
   """The data with every image replaced by its fixed features: a public,
   data-independent map applied to each example alone, so the DP guarantee
   on the features is the guarantee on the images."""
-  try:
-    scattering.Scattering2D().build(dataset.x_train.shape)
-  except ValueError as e:
-    raise _flag_error("features", config.features, e) from e
-
   def features(x):
     return scattering.transform(
         x, progress="scattering features" if sys.stderr.isatty() else None,
         cache_dir=os.environ.get(FEATURE_CACHE_ENV) or None)
 
-  dataset = dataclasses.replace(dataset, x_train=features(dataset.x_train),
+  try:  # the images' size is checked when the transform is built
+    x_train = features(dataset.x_train)
+  except ValueError as e:
+    raise _flag_error("features", config.features, e) from e
+  dataset = dataclasses.replace(dataset, x_train=x_train,
                                 x_test=features(dataset.x_test))
   if public is not None:
     public = (features(public[0]), public[1])
