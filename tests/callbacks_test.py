@@ -174,3 +174,98 @@ def test_weight_averaging_updates_and_evaluates_on_the_average():
   np.testing.assert_allclose(kernel.numpy(), start + 2.0, rtol=1e-6)
   with pytest.raises(ValueError, match="decay"):
     callbacks.WeightAveraging(decay=1.0)
+
+
+# -- the released update must not reveal the realized batch size -------------
+
+
+def test_noise_scale_is_sigma_c_over_expected_batch_not_realized():
+  """An adversary reading one released update estimates the noise std from
+  coordinates the private data do not move. Dividing by the realized
+  Poisson batch |B_t| (about 20 +- 4.4 here) would make that std
+  sigma C / |B_t| and reveal |B_t|; it must be sigma C / E[B] at every step.
+  """
+  from tfdpprune import private_training  # pylint: disable=g-import-not-at-top
+  from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer  # pylint: disable=g-import-not-at-top
+  n, b, sigma, width = 1000, 20, 2.0, 4000
+  model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(
+      width, use_bias=False, kernel_initializer="zeros")])
+  # No expected_batch_size: the docstring case the red team attacked.
+  optimizer = MaskedDPKerasSGDOptimizer(1.0, sigma, learning_rate=1.0)
+  model.compile(optimizer, loss=keras.losses.MeanSquaredError(
+      reduction=keras.losses.Reduction.NONE))
+  x = np.zeros([n, 1], np.float32)  # zero inputs: zero kernel gradients
+  batches = private_training.poisson_dataset(x, np.ones([n, 1], np.float32),
+                                             b, steps=12)
+  kernels = []
+  record = keras.callbacks.LambdaCallback(
+      on_train_batch_end=lambda *_: kernels.append(
+          model.layers[0].kernel.numpy().copy()))
+  model.fit(batches, verbose=0, callbacks=[
+      PrivacyCallback(n, b, sigma, dataset=batches), record])
+  previous = np.zeros([1, width], np.float32)
+  stds = []
+  for kernel in kernels:
+    stds.append(float(np.std(kernel - previous)))
+    previous = kernel
+  ratio = np.array(stds) * b / sigma  # 1 +- 1/sqrt(2 * 4000) = 1.1 %
+  assert len(ratio) == 12
+  assert np.all(np.abs(ratio - 1.0) < 0.06), ratio  # > 5 standard errors
+  assert optimizer.expected_batch_size == b
+
+
+def test_tf_privacy_optimizer_dividing_by_realized_batch_is_refused():
+  from tfdpprune._compat import dp_optimizer_keras  # pylint: disable=g-import-not-at-top
+  optimizer = dp_optimizer_keras.DPKerasSGDOptimizer(
+      l2_norm_clip=1.0, noise_multiplier=SIGMA, num_microbatches=None,
+      learning_rate=0.01)
+  model = _model(optimizer=optimizer)
+  with pytest.raises(ValueError, match="realized batch size"):
+    _fit(model, PrivacyCallback(N, B, SIGMA), epochs=1)
+
+
+# -- truncated Poisson batches -------------------------------------------------
+
+
+def test_truncating_input_at_the_expected_size_is_refused():
+  from tfdpprune import private_training  # pylint: disable=g-import-not-at-top
+  x, y = _data()
+  batches = private_training.poisson_dataset(x, y, B, steps=80,
+                                             max_batch_size=B)
+  assert batches.poisson_spec.max_batch_size == B
+  with pytest.raises(ValueError, match=r"max_batch_size=8.*more than half"):
+    PrivacyCallback(N, B, SIGMA, dataset=batches)
+
+
+def test_truncation_is_added_to_delta_by_the_stated_bound():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  from tfdpprune import private_training  # pylint: disable=g-import-not-at-top
+  n, b, steps, delta, cap = 10000, 100, 500, 1e-5, 185
+  x = np.zeros([n, 1], np.float32)
+  batches = private_training.poisson_dataset(x, np.zeros([n], np.float32), b,
+                                             steps=steps, max_batch_size=cap)
+  cb = PrivacyCallback(n, b, SIGMA, delta=delta, dataset=batches)
+
+  def rdp_epsilon(at_delta):  # an independent accountant call
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            b / n, dp_accounting.GaussianDpEvent(SIGMA)), steps))
+    return accountant.get_epsilon(at_delta)
+  p = stats.binom.sf(cap, n + 1, b / n)  # N + 1: the larger neighbour
+  spent = (1 + np.exp(rdp_epsilon(delta / 2))) * steps * p
+  assert 0 < spent < delta / 2
+  assert cb.spec.truncation_delta(steps) == pytest.approx(spent, rel=1e-9)
+  assert cb.spec.epsilon(steps) == pytest.approx(
+      rdp_epsilon(delta - spent), rel=1e-9)
+  assert cb.spec.epsilon(steps) > accounting.compute_epsilon(
+      n, b, SIGMA, steps=steps, delta=delta)
+
+
+def test_prior_steps_count_in_epsilon():
+  model, cb = _model(), PrivacyCallback(N, B, SIGMA, prior_steps=5)
+  history = _fit(model, cb, epochs=1)
+  assert history.history["epsilon"] == [_eps(13)]
+  with pytest.raises(ValueError, match="prior_steps"):
+    PrivacyCallback(N, B, SIGMA, prior_steps=-1)

@@ -227,7 +227,7 @@ def test_npz_round_trip_uint8_and_float(tmp_path):
   x_test = rng.normal(size=(3, 5, 5, 1)).astype(np.float64)
   path = str(tmp_path / "toy.npz")
   np.savez(path, x_train=x_train, y_train=np.arange(7).reshape(7, 1) % 4,
-           x_test=x_test, y_test=np.array([0, 1, 2]))
+           x_test=x_test, y_test=np.array([0, 1, 3]))  # public: 4 classes
 
   ds = data.load_dataset(path)
   assert ds.x_train.shape == (7, 5, 5, 1) and ds.x_train.dtype == np.float32
@@ -527,3 +527,80 @@ def test_poisson_batches_with_augmult_repeat_each_example():
     np.testing.assert_array_equal(xb.numpy()[:, 0, 0, 0], yb)
   with pytest.raises(ValueError, match="augmult"):
     data.poisson_batches(x[:, 0, 0], y, 0.3, 4, augmult=2)
+
+
+# ----------------------------------------------------------------------------
+# The number of classes is public; bad inputs name themselves
+# ----------------------------------------------------------------------------
+
+
+def _npz(path, y_train, y_test, **extra):
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.random((len(y_train), 3, 3)),
+           y_train=np.asarray(y_train), x_test=rng.random((len(y_test), 3, 3)),
+           y_test=np.asarray(y_test), **extra)
+  return path
+
+
+@pytest.mark.parametrize("kind", ["npz", "idx"])
+def test_one_extra_private_label_never_changes_the_model_shape(tmp_path,
+                                                               kind):
+  # D (labels 0..9) and D + one example labelled 10: the attack of a model
+  # with an 11th logit. The class count comes from the public test labels,
+  # so D + 1 is refused at load, and D gives 10 classes.
+  y = np.arange(40) % 10
+  y_test = np.arange(20) % 10
+  loaded = []
+  for name, labels in (("d", y), ("d_plus_one", np.append(y, 10))):
+    if kind == "npz":
+      path = _npz(str(tmp_path / f"{name}.npz"), labels, y_test)
+    else:
+      path = str(tmp_path / name)
+      os.makedirs(path)
+      rng = np.random.default_rng(0)
+      for prefix, ys in (("train", labels), ("t10k", y_test)):
+        _write_idx(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"),
+                   rng.integers(0, 256, (len(ys), 3, 3), dtype=np.uint8))
+        _write_idx(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"),
+                   ys.astype(np.uint8))
+    try:
+      loaded.append(data.load_dataset(path).num_classes)
+    except ValueError as e:
+      assert "label 10" in str(e) and "num_classes=10" in str(e)
+      assert "public information only" in str(e)
+      loaded.append("refused")
+  assert loaded == [10, "refused"]
+  # The public ways to say there are 11 classes.
+  if kind == "npz":
+    assert data.load_dataset(_npz(str(tmp_path / "meta.npz"), np.append(
+        y, 10), y_test, num_classes=11)).num_classes == 11
+  assert data.load_dataset(path, num_classes=11).num_classes == 11
+
+
+def test_empty_test_set_cannot_give_the_number_of_classes(tmp_path):
+  path = _npz(str(tmp_path / "d.npz"), [0, 1, 2], np.zeros([0], np.int64))
+  with pytest.raises(ValueError, match="empty test set"):
+    data.load_dataset(path)
+  assert data.load_dataset(path, num_classes=3).num_test == 0
+
+
+def test_huge_float_label_is_reported_as_itself(tmp_path):
+  path = _npz(str(tmp_path / "d.npz"), np.array([0.0, 3e9, 1.0]),
+              np.array([0, 1]))
+  with pytest.raises(ValueError) as e:
+    data.load_dataset(path)
+  assert "3000000000" in str(e.value) and "example 1" in str(e.value)
+  assert "-2147483648" not in str(e.value)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+  arrays = _write_idx_dir(str(tmp_path))
+  del arrays
+  path = str(tmp_path / "train-images-idx3-ubyte.gz")
+  with open(path, "rb") as f:
+    raw = f.read()
+  with open(path, "wb") as f:
+    f.write(raw[:len(raw) // 2])
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: damaged "
+                     "gzip"):
+    data.load_dataset(str(tmp_path))

@@ -76,3 +76,40 @@ def test_scorer_gradient_is_the_mean_over_its_batch():
       e += g.numpy() / 4
   for g, e in zip(grads, expected):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_endless_public_dataset_is_refused_within_seconds():
+  import threading  # pylint: disable=g-import-not-at-top
+  from tfdpprune import pruning  # pylint: disable=g-import-not-at-top
+  from tfdpprune.config import PruneConfig  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).random((64, 4)).astype("float32")
+  y = np.arange(64) % 2
+  endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+  outcome = []
+
+  def call():
+    try:
+      pruning.prune(model, PruneConfig(mode="select",
+                                       method="public_gradient"),
+                    public_data=endless)
+      outcome.append("returned")
+    except ValueError as e:
+      outcome.append(str(e))
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(timeout=60)  # it used to read forever (18 GB)
+  assert outcome and "infinite" in outcome[0] and "take(n)" in outcome[0]
+
+
+def test_unknown_length_public_dataset_is_read_with_a_bound():
+  def forever():
+    while True:
+      yield np.zeros(256, np.float32), np.int64(0)
+  stream = tf.data.Dataset.from_generator(forever, output_signature=(
+      tf.TensorSpec([256], tf.float32), tf.TensorSpec([], tf.int64)))
+  assert stream.cardinality() == tf.data.UNKNOWN_CARDINALITY
+  with pytest.raises(ValueError, match="more than"):
+    public.as_arrays(stream, max_bytes=1 << 20)
+  x, _ = public.as_arrays(stream.take(10), max_bytes=1 << 20)
+  assert x.shape == (10, 256)

@@ -1,6 +1,7 @@
 """Scattering features: against a plain-numpy reference, shapes, the cache,
 and the trainer's --features flag."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -129,3 +130,34 @@ def test_layer_in_front_of_a_feature_model_serves_raw_images():
   np.testing.assert_allclose(served(x).numpy(),
                              head(scattering.transform(x)).numpy(),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_cache_names_are_keyed_with_the_fingerprint_key(tmp_path,
+                                                        monkeypatch):
+  from tfdpprune import ledger  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(2).randn(3, 8, 8, 1).astype(np.float32)
+  names = []
+  for key in ("a", "b", "a"):
+    monkeypatch.setenv(ledger.KEY_FILE_ENV, str(tmp_path / f"{key}.key"))
+    cache = tmp_path / f"cache-{len(names)}"
+    scattering.transform(x, cache_dir=str(cache))
+    names.append(os.listdir(cache)[0])
+  assert names[0] != names[1] and names[0] == names[2]
+  # Not an unsalted hash of the images (a membership oracle).
+  plain = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+  assert plain[:32] not in names[0]
+
+
+def test_trainer_refuses_a_cache_inside_a_run_directory(tmp_path,
+                                                        monkeypatch):
+  workdir = tmp_path / "run"
+  config = TrainConfig(steps=2, features="scattering", model="linear",
+                       noise_multiplier=1.0)
+  other = tmp_path / "other_run"
+  (other / "checkpoints").mkdir(parents=True)
+  for cache in (workdir / "cache", other / "features"):
+    monkeypatch.setenv(experiment.FEATURE_CACHE_ENV, str(cache))
+    with pytest.raises(ValueError, match="inside the run directory") as e:
+      experiment.run(config, str(workdir), verbose=0)
+    assert "--features" in str(e.value)
+    assert not cache.exists()

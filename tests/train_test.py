@@ -567,3 +567,68 @@ def test_flagfile_defaults_do_not_count_as_ignored_flags(parsed_flags):
   assert config.optimizer == "adam"
   with pytest.raises(Exception, match="momentum"):
     parsed_flags("--optimizer=adam", "--momentum=0.5")
+
+
+def _scalars(workdir, tag):
+  out = {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          out[event.step] = float(tf.make_ndarray(v.tensor))
+  return out
+
+
+def test_eval_tags_are_the_test_set_with_a_validation_split(tmp_path):
+  # N = 1437 - 143 validation = 1294: 10 steps per epoch, one epoch.
+  workdir = str(tmp_path / "run")
+  results = experiment.run(TrainConfig(steps=10, validation_fraction=0.1,
+                                       noise_multiplier=1.0), workdir,
+                           verbose=0)
+  test = _scalars(workdir, "eval/accuracy")
+  validation = _scalars(workdir, "nonprivate/validation/accuracy")
+  assert set(test) == set(validation) == {10}
+  assert test[10] == pytest.approx(results["test_accuracy"], abs=1e-6)
+  assert validation[10] == pytest.approx(results["validation_accuracy"],
+                                         abs=1e-6)
+  assert _scalars(workdir, "eval/loss")[10] == pytest.approx(
+      results["test_loss"], rel=1e-5)
+
+
+def _npz_data(path, n_train=40, n_test=20, y_train=None):
+  rng = np.random.default_rng(0)
+  y = np.arange(n_train) % 4 if y_train is None else y_train
+  np.savez(path, x_train=rng.random((len(y), 4, 4)),
+           y_train=y, x_test=rng.random((n_test, 4, 4)),
+           y_test=np.arange(n_test) % 4)
+  return path
+
+
+def _clear_error(proc, *needles):
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_bad_inputs_are_clear_errors_not_tracebacks(tmp_path):
+  common = ("--steps=2", "--verbose=0", "--batch_size=4", "--delta=1e-3")
+  empty_train = _npz_data(str(tmp_path / "a.npz"), y_train=np.zeros(
+      [0], np.int64))
+  _clear_error(_cli(f"--dataset={empty_train}", *common,
+                    f"--workdir={tmp_path / 'a'}"),
+               "--dataset", "0 training")
+  empty_test = _npz_data(str(tmp_path / "b.npz"), n_test=0)
+  _clear_error(_cli(f"--dataset={empty_test}", "--num_classes=4", *common,
+                    f"--workdir={tmp_path / 'b'}"),
+               "--dataset", "0 test")
+  huge = _npz_data(str(tmp_path / "c.npz"),
+                   y_train=np.array([0.0, 1.0, 3e9, 2.0] * 10))
+  _clear_error(_cli(f"--dataset={huge}", *common,
+                    f"--workdir={tmp_path / 'c'}"), "3000000000")
+  outside = _npz_data(str(tmp_path / "d.npz"), y_train=np.arange(40) % 5)
+  _clear_error(_cli(f"--dataset={outside}", *common,
+                    f"--workdir={tmp_path / 'd'}"),
+               "label 4", "--num_classes")
+  assert _cli(f"--dataset={outside}", "--num_classes=5", *common,
+              f"--workdir={tmp_path / 'd5'}").returncode == 0

@@ -9,7 +9,8 @@ import tfdpprune as tdp
 keras = tdp.keras                      # tf_keras (Keras 2)
 model = tdp.prune(model)               # fast per-example gradients, masks
 opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
-                                    learning_rate=0.1, momentum=0.9)
+                                    learning_rate=0.1, momentum=0.9,
+                                    expected_batch_size=256)  # Poisson B
 ```
 """
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 import dp_accounting
 from scipy import optimize
+from scipy import stats
 
 from tfdpprune._compat import compute_dp_sgd_privacy_lib
 
@@ -117,6 +118,16 @@ class PrivacySpec:
     delta: in (0, 1).
     accountant: "rdp" (Renyi DP, TF Privacy's default) or "pld" (privacy loss
       distributions: tighter, slower).
+    max_batch_size: None, or a cap that truncates larger Poisson batches to a
+      uniformly random subset (`tdp.poisson_dataset(max_batch_size=...)`).
+      Truncated sampling is not Poisson sampling; it equals it except when a
+      batch is truncated, which happens in a step with probability
+      p = P(Binomial(N + 1, q) > cap) (N + 1: the larger neighbouring data
+      set). So T steps are (eps, delta)-DP with eps computed by the
+      accountant at delta - delta_T, where
+      delta_T = (1 + e^eps') * T * p and eps' = the accountant's eps at
+      delta / 2 (an upper bound on eps; `truncation_delta`). If delta_T >
+      delta / 2 there is no such guarantee: epsilon is inf.
 
   Example:
     >>> spec = PrivacySpec(60000, 256, noise_multiplier=1.1)
@@ -128,9 +139,12 @@ class PrivacySpec:
   noise_multiplier: float
   delta: float = 1e-5
   accountant: str = "rdp"
+  max_batch_size: Optional[int] = None
 
   def __post_init__(self):
     _check_int("num_examples", self.num_examples, 1)
+    if self.max_batch_size is not None:
+      _check_int("max_batch_size", self.max_batch_size, 1)
     _check_int("batch_size", self.batch_size, 1, self.num_examples,
                "num_examples")
     _check_nonnegative("noise_multiplier", self.noise_multiplier)
@@ -159,6 +173,23 @@ class PrivacySpec:
     """Epsilon after `steps` steps (0.0 for 0 steps, inf for sigma = 0)."""
     _check_int("steps", steps, 0)
     return _epsilon(self, int(steps))
+
+  def truncation_delta(self, steps: int) -> float:
+    """delta_T, the part of delta that `steps` truncated steps spend
+    (0.0 without `max_batch_size`; see the class doc)."""
+    _check_int("steps", steps, 0)
+    if self.max_batch_size is None or steps == 0:
+      return 0.0
+    p = poisson_truncation_probability(self.num_examples + 1,
+                                       self.sampling_probability,
+                                       self.max_batch_size)
+    if p == 0.0:
+      return 0.0
+    half = dataclasses.replace(self, delta=self.delta / 2,
+                               max_batch_size=None).epsilon(steps)
+    if half > 700:  # e^eps overflows: no useful bound
+      return math.inf
+    return (1.0 + math.exp(half)) * steps * p
 
   def max_steps(self, target_epsilon: float) -> int:
     """The largest step count whose epsilon is <= `target_epsilon`.
@@ -190,12 +221,26 @@ def _epsilon(spec: PrivacySpec, steps: int) -> float:
     return 0.0
   if spec.noise_multiplier == 0:
     return math.inf
+  if spec.max_batch_size is not None:
+    spent = spec.truncation_delta(steps)
+    if spent > spec.delta / 2:
+      return math.inf
+    return _epsilon(dataclasses.replace(spec, delta=spec.delta - spent,
+                                        max_batch_size=None), steps)
   accountant = _ACCOUNTANT_TYPES[spec.accountant].get_accountant()
   accountant.compose(spec.dp_event(steps))
   return float(accountant.get_epsilon(spec.delta))
 
 
 # -- public functions ---------------------------------------------------------
+
+
+def poisson_truncation_probability(num_examples: int,
+                                   sampling_probability: float,
+                                   max_batch_size: int) -> float:
+  """P(Binomial(num_examples, q) > max_batch_size): one step's truncation."""
+  return float(stats.binom.sf(max_batch_size, num_examples,
+                              sampling_probability))
 
 
 def steps_for(num_examples: int, batch_size: int, epochs: float) -> int:

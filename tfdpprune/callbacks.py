@@ -6,12 +6,14 @@ steps that really happened; it is a checkpointed variable, so a resumed run
 reports the same epsilon as an uninterrupted one.
 """
 
+import dataclasses
 import json
 import math
 import numbers
 from typing import Optional
 
 from absl import logging
+from scipy import stats
 
 from tfdpprune import accounting
 from tfdpprune import data as data_lib
@@ -51,7 +53,18 @@ class PrivacyCallback(keras.callbacks.Callback):
   Poisson-sampled one from `tdp.poisson_dataset` carries its sampling, which
   is checked against (N, q); anything else (fixed-size shuffled batches from
   `model.fit(x, y, batch_size=...)`, say) draws a warning at train begin,
-  because the printed epsilon would not hold for it.
+  because the printed epsilon would not hold for it. A dataset whose
+  batches are truncated (`poisson_dataset(max_batch_size=...)`) has the
+  truncation's cost counted in delta (`accounting.PrivacySpec.
+  max_batch_size`): epsilon holds at `delta` in total, and a cap that would
+  spend more than half of `delta` over the dataset's steps is refused.
+
+  Under Poisson sampling the DP step must divide the noised sum by the
+  *expected* batch size B: the realized size |B_t| is private (it can be
+  read off the spread of the noise in a released update). A masked DP
+  optimizer without `expected_batch_size` is given B here, at train begin;
+  another DP optimizer that divides by the realized size (TF Privacy's own)
+  is refused.
 
   ```python
   import tfdpprune as tdp
@@ -75,6 +88,9 @@ class PrivacyCallback(keras.callbacks.Callback):
     accountant: "rdp" or "pld" (`tfdpprune.accounting`).
     dataset: the training input, to confirm it is Poisson-sampled with this
       N and q (see above).
+    prior_steps: steps of the same mechanism taken and released outside the
+      optimizer's count (e.g. abandoned after a divergence), counted in
+      epsilon and the budget.
 
   Attributes:
     spec: the validated `accounting.PrivacySpec`.
@@ -85,9 +101,11 @@ class PrivacyCallback(keras.callbacks.Callback):
 
   Raises:
     ValueError: naming the argument, if an argument is out of range; if
-      `dataset` samples another N or q; at train begin, if the optimizer's
-      `noise_multiplier` or `augmentation_multiplicity` differs from the
-      callback's / dataset's.
+      `dataset` samples another N or q, or truncates its batches at a cap
+      that spends more than half of delta; at train begin, if the
+      optimizer's `noise_multiplier` or `augmentation_multiplicity` differs
+      from the callback's / dataset's, or the optimizer divides by the
+      realized batch size and cannot be told the expected one.
     RuntimeError: at train begin, if the budget is already spent (Keras runs
       the first batch before it looks at `stop_training`).
   """
@@ -100,11 +118,14 @@ class PrivacyCallback(keras.callbacks.Callback):
                target_epsilon: Optional[float] = None,
                log_dir=None,
                accountant: str = "rdp",
-               dataset=None):
+               dataset=None,
+               prior_steps: int = 0):
     super().__init__()
-    self.spec = accounting.PrivacySpec(num_examples, batch_size,
-                                       noise_multiplier, delta, accountant)
     self.sampling = None if dataset is None else data_lib.poisson_spec(dataset)
+    cap = None if self.sampling is None else self.sampling.max_batch_size
+    self.spec = accounting.PrivacySpec(num_examples, batch_size,
+                                       noise_multiplier, delta, accountant,
+                                       max_batch_size=cap)
     if self.sampling is not None and (
         self.sampling.num_examples != self.spec.num_examples or
         not math.isclose(self.sampling.sampling_probability,
@@ -115,6 +136,12 @@ class PrivacyCallback(keras.callbacks.Callback):
           f"over N = {num_examples}, but its dataset samples q = "
           f"{self.sampling.sampling_probability:.6g} over N = "
           f"{self.sampling.num_examples}")
+    if cap is not None:
+      self._check_truncation(self.sampling.num_steps)
+    if (isinstance(prior_steps, bool) or
+        not isinstance(prior_steps, numbers.Integral) or prior_steps < 0):
+      raise ValueError(f"prior_steps={prior_steps!r} must be an integer >= 0")
+    self.prior_steps = int(prior_steps)
     self.target_epsilon = target_epsilon
     self.max_steps = (None if target_epsilon is None else
                       self.spec.max_steps(target_epsilon))
@@ -136,8 +163,29 @@ class PrivacyCallback(keras.callbacks.Callback):
 
   @property
   def epsilon(self) -> float:
-    """Epsilon at the optimizer's current step count (cached per step)."""
-    return self.spec.epsilon(self.steps)
+    """Epsilon at the optimizer's current step count plus `prior_steps`
+    (cached per step)."""
+    return self.spec.epsilon(self.steps + self.prior_steps)
+
+  def _check_truncation(self, steps):
+    spent = self.spec.truncation_delta(steps)
+    if spent <= self.spec.delta / 2:
+      return
+    n, q, cap = (self.spec.num_examples, self.spec.sampling_probability,
+                 self.spec.max_batch_size)
+    p = accounting.poisson_truncation_probability(n + 1, q, cap)
+    # A cap whose truncation would cost at most 1e-3 * delta.
+    eps = dataclasses.replace(self.spec, delta=self.spec.delta / 2,
+                              max_batch_size=None).epsilon(steps)
+    safe = int(stats.binom.isf(1e-3 * self.spec.delta / (
+        steps * (1 + math.exp(min(eps, 700)))), n + 1, q)) + 1
+    raise ValueError(
+        f"the dataset truncates batches at max_batch_size={cap}: with N={n} "
+        f"and q={q:.4g} a step is truncated with probability {p:.3g}, which "
+        f"over its {steps} steps costs delta_T={spent:.3g} (the bound "
+        "(1 + e^eps) * steps * p), more than half of delta="
+        f"{self.spec.delta:g}: the printed epsilon would not hold. Use a "
+        f"cap of at least {safe} (or none)")
 
   def _steps_per_execution(self) -> int:
     spe = getattr(self.model, "_steps_per_execution", None)
@@ -173,8 +221,33 @@ class PrivacyCallback(keras.callbacks.Callback):
           "must be clipped as one (use the same K in tdp.poisson_dataset("
           "augmult=K) and the optimizer)")
 
+  def _check_denominator(self):
+    """The optimizer must divide by the expected batch size B, not by the
+    realized |B_t|, which is private under Poisson sampling."""
+    optimizer = self.model.optimizer
+    if not (hasattr(optimizer, "_dp_sum_query") or (  # TF Privacy's
+        hasattr(optimizer, "_noise_multiplier") and
+        hasattr(optimizer, "_num_microbatches"))):
+      return  # not an optimizer whose denominator is known here
+    if hasattr(optimizer, "expected_batch_size"):
+      if optimizer.expected_batch_size is None:
+        optimizer.expected_batch_size = self.spec.batch_size
+        self.model.make_train_function(force=True)
+        logging.info("PrivacyCallback: the optimizer divides by the "
+                     "expected batch size %d (it had no "
+                     "expected_batch_size).", self.spec.batch_size)
+      return
+    raise ValueError(
+        f"{type(optimizer).__name__} divides each noised sum by the realized "
+        "batch size, which Poisson sampling makes private (an adversary can "
+        "read it off the spread of the noise in one released update), so "
+        "the epsilon reported here would not hold. Use "
+        "tdp.MaskedDPKerasSGDOptimizer / MaskedDPKerasAdamOptimizer with "
+        f"expected_batch_size={self.spec.batch_size}")
+
   def on_train_begin(self, logs=None):
     self._check_noise_multiplier()
+    self._check_denominator()
     self._check_augmult()
     if self.sampling is None:
       logging.warning(
@@ -188,7 +261,7 @@ class PrivacyCallback(keras.callbacks.Callback):
           self.spec.sampling_probability, self.spec.num_examples)
     self._k = self._steps_per_execution()
     if self.max_steps is not None:
-      steps, k = self.steps, self._k
+      steps, k = self.steps + self.prior_steps, self._k
       if steps + k > self.max_steps:
         raise RuntimeError(
             f"The privacy budget target_epsilon={self.target_epsilon!r} is "
@@ -201,7 +274,7 @@ class PrivacyCallback(keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     if (self.max_steps is not None and
-        self.steps + self._k > self.max_steps):
+        self.steps + self.prior_steps + self._k > self.max_steps):
       self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
@@ -241,9 +314,10 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
 
   Divergence is detected from released quantities only — the weights after
   each step (post-processing of the DP iterate) and the evaluation loss
-  (`val_loss`, on the test set) at epoch ends — never from the loss of
-  private training batches, whose finiteness would reveal whether a crafted
-  example was sampled. On divergence training stops without saving, so the
+  (`val_loss`: `fit`'s validation data must be the public test set) at epoch
+  ends — never from the loss of private training batches or of a private
+  validation split, whose finiteness would reveal whether a crafted example
+  was sampled or held out. On divergence training stops without saving, so the
   last checkpoint is the last good state; `failure` says what happened,
   `failure_step` when, and `saved_step` is the step of the last save (the
   trainer turns this into `NonFiniteLossError`, a non-zero exit, and
@@ -280,9 +354,12 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
     self.model.stop_training = True
 
   def save(self) -> bool:
-    """Saves if every weight is finite; returns whether it saved."""
+    """Saves if every weight is finite and the step is not saved yet;
+    returns whether the state at this step is checkpointed."""
     if self.failure is not None:
       return False
+    if self._step() == self.saved_step and self.manager.latest_checkpoint:
+      return True
     if not self._weights_finite():
       self._fail("non-finite weights")
       return False
@@ -399,14 +476,15 @@ class HideNonPrivateLogs(keras.callbacks.Callback):
   Keras reports the training loss and metrics of the private batches in the
   progress bar and `History`; they are computed from private data outside
   the DP mechanism, so a released log must not contain them. Put this
-  callback after those that need them: it keeps `epsilon` and evaluation
-  metrics (`val_*`).
+  callback after those that need them: it keeps `epsilon`, evaluation
+  metrics (`val_*`) and the labelled validation metrics the user asked for
+  (`nonprivate_validation_*`, `ValidationSummaries`).
   """
 
   def _hide(self, logs):
     if logs:
-      for key in [k for k in logs if not k.startswith("val_") and
-                  k != "epsilon"]:
+      for key in [k for k in logs if not k.startswith(
+          ("val_", ValidationSummaries.LOG_PREFIX)) and k != "epsilon"]:
         del logs[key]
 
   def on_train_batch_end(self, batch, logs=None):
@@ -414,6 +492,52 @@ class HideNonPrivateLogs(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._hide(logs)
+
+
+class ValidationSummaries(keras.callbacks.Callback):
+  """Evaluates a held-out *private* validation split at every epoch end.
+
+  Its metrics are statistics of private examples, outside the DP guarantee,
+  so they go under their own labelled names: TensorBoard tags
+  `nonprivate/validation/<metric>` and log keys
+  `nonprivate_validation_<metric>` (shown in the progress bar). They never
+  take the test set's `eval/*` tags or `fit`'s `val_*` keys, and nothing
+  (divergence checks, early stopping) should read them.
+
+  Args:
+    writer: a `tf.summary` writer.
+    data: the validation input (`(x, y)` batches).
+    averaging: an optional `WeightAveraging`, whose averaged weights are
+      evaluated (as `fit`'s validation would).
+    should_write: as in `TrainingSummaries`.
+  """
+
+  LOG_PREFIX = "nonprivate_validation_"
+
+  def __init__(self, writer, data, averaging=None, should_write=None):
+    super().__init__()
+    self.writer = writer
+    self.data = data
+    self.averaging = averaging
+    self.should_write = should_write or (lambda: True)
+
+  def evaluate(self) -> dict:
+    """`{metric: value}` on the validation data (averaged weights if any)."""
+    if self.averaging is None:
+      return self.model.evaluate(self.data, verbose=0, return_dict=True)
+    with self.averaging.swapped():
+      return self.model.evaluate(self.data, verbose=0, return_dict=True)
+
+  def on_epoch_end(self, epoch, logs=None):
+    if not self.should_write():
+      return
+    values = self.evaluate()
+    step = int(self.model.optimizer.iterations.numpy())
+    with self.writer.as_default():
+      for name, value in values.items():
+        write_scalar(f"nonprivate/validation/{name}", value, step=step)
+    if logs is not None:
+      logs.update({self.LOG_PREFIX + k: v for k, v in values.items()})
 
 
 class SparsitySummaries(keras.callbacks.Callback):

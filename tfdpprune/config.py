@@ -268,9 +268,13 @@ class TrainConfig:
 
   `validation_fraction` > 0 holds out that fraction of the private training
   set as a validation set for hyper-parameter tuning: training (and N) use
-  the rest, evaluation during training uses the validation set, and its
-  metrics (computed on private examples, outside the DP guarantee) are
-  reported as such; the test set stays untouched for final numbers.
+  the rest; the validation set is evaluated at every epoch end beside the
+  test set, and its metrics (computed on private examples, outside the DP
+  guarantee) are reported under their own labelled names
+  (`nonprivate/validation/*`), never under the test set's `eval/*`.
+
+  `num_classes` (the model's output size) defaults to the data set's
+  metadata, else the largest test label + 1: public information only.
 
   `seed` seeds public things only (initialization, random mask scores, the
   public/private split, public pre-training). DP noise and Poisson sampling
@@ -281,6 +285,7 @@ class TrainConfig:
   """
   dataset: str = "digits"
   data_dir: Optional[str] = None
+  num_classes: Optional[int] = None  # default: metadata, else the test set
   model: str = "mlp"
   model_width: int = 1
   model_norm: Optional[str] = None
@@ -376,6 +381,10 @@ class TrainConfig:
       fail("public_fraction", "must be in [0, 1)")
     if not 0 <= self.validation_fraction < 1:
       fail("validation_fraction", "must be in [0, 1)")
+    if self.num_classes is not None and (
+        isinstance(self.num_classes, bool) or
+        not isinstance(self.num_classes, int) or self.num_classes < 2):
+      fail("num_classes", "must be an integer >= 2 (or unset)")
     if self.public_fraction > 0 and self.public_dataset is not None:
       raise ValueError("give at most one of --public_dataset and "
                        "--public_fraction")

@@ -35,11 +35,14 @@ import math
 import numbers
 import os
 import struct
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
 
 from tfdpprune import randomness
+# Re-exported: the truncation of `poisson_batches(max_batch_size=...)`.
+from tfdpprune.accounting import poisson_truncation_probability  # pylint: disable=unused-import
 from tfdpprune._compat import tf
 
 # Where Debian's `dataset-*` packages put IDX files, e.g. `apt-get install
@@ -107,10 +110,18 @@ class Dataset:
         raise ValueError(
             f"x_{split} has {len(x)} examples but y_{split} has {len(y)}")
       check_finite(f"x_{split}", x)
-      if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+      outside = (y < 0) | (y >= self.num_classes)
+      if outside.any():
+        first = int(np.argmax(outside))
         raise ValueError(
-            f"y_{split} must lie in [0, num_classes={self.num_classes}), got "
-            f"[{y.min()}, {y.max()}]")
+            f"{self.name}: y_{split} has {int(outside.sum())} labels outside "
+            f"[0, num_classes={self.num_classes}); the first is example "
+            f"{first} (label {int(y[first])}). The number of classes comes "
+            "from public information only (the data set's metadata, an .npz "
+            "file's num_classes array, or the test labels), never from the "
+            "private labels, which would make the model's shape depend on "
+            "them: give the right num_classes (--num_classes) or fix the "
+            "labels")
     if self.x_train.shape[1:] != self.x_test.shape[1:]:
       raise ValueError(
           f"train images {self.x_train.shape[1:]} and test images "
@@ -153,12 +164,23 @@ def check_finite(name: str, values: np.ndarray) -> None:
 def _labels(name: str, labels: np.ndarray) -> np.ndarray:
   """int32 labels `[N]`, refusing non-finite and non-integer values."""
   labels = np.asarray(labels).reshape(-1)
-  if labels.dtype.kind in "fc":
+  if labels.dtype.kind not in "biuf":
+    raise ValueError(f"{name} must be integer class labels, got dtype "
+                     f"{labels.dtype}")
+  if labels.dtype.kind == "f":
     check_finite(name, labels)
     if np.any(labels != np.round(labels)):
       first = int(np.argmax(labels != np.round(labels)))
       raise ValueError(f"{name} has non-integer labels; the first is example "
                        f"{first} ({labels[first]!r})")
+  info = np.iinfo(np.int32)
+  outside = (labels < 0) | (labels > info.max)
+  if outside.any():
+    first = int(np.argmax(outside))
+    raise ValueError(f"{name} has {int(outside.sum())} labels outside [0, "
+                     f"{info.max}]; the first is example {first} (label "
+                     f"{labels[first]!r}). Class labels are 0, 1, ..., "
+                     "num_classes - 1")
   return labels.astype(np.int32)
 
 
@@ -228,7 +250,12 @@ def read_idx(path: str, *, ndim: Optional[int] = None) -> np.ndarray:
   with open(path, "rb") as f:
     raw = f.read()
   if raw[:2] == b"\x1f\x8b":
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise ValueError(f"{path}: damaged gzip file ({type(e).__name__}: "
+                       f"{e}); it is truncated or corrupted: download or "
+                       "copy it again") from e
   if len(raw) < 4:
     raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
   magic = struct.unpack(">I", raw[:4])[0]
@@ -329,9 +356,8 @@ def _load_idx_dataset(name, directory, mean, std, num_classes=None):
         f"{', '.join(missing)}.{hint}")
   x_train, y_train = load_idx_split(directory, "train", mean=mean, std=std)
   x_test, y_test = load_idx_split(directory, "test", mean=mean, std=std)
-  if num_classes is None:
-    num_classes = _infer_num_classes(y_train, y_test)
-  return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
+  return Dataset(name, x_train, y_train, x_test, y_test,
+                 _public_num_classes(directory, y_test, num_classes))
 
 
 # ----------------------------------------------------------------------------
@@ -339,8 +365,21 @@ def _load_idx_dataset(name, directory, mean, std, num_classes=None):
 # ----------------------------------------------------------------------------
 
 
-def _infer_num_classes(*labels) -> int:
-  return int(max(int(y.max()) for y in labels if y.size) + 1)
+def _public_num_classes(source: str, y_test: np.ndarray,
+                        num_classes: Optional[int]) -> int:
+  """The number of classes from public information only: the caller's
+  `num_classes` (a flag, a file's metadata), else the test labels (the test
+  set is public under the threat model). Never the private training labels:
+  a model with one more logit for one more private label would reveal it.
+  """
+  if num_classes is not None:
+    return int(num_classes)
+  if not y_test.size:
+    raise ValueError(
+        f"{source}: the number of classes cannot be taken from an empty test "
+        "set, and never from the private training labels: give num_classes "
+        "(--num_classes, or a num_classes array in the .npz file)")
+  return int(y_test.max()) + 1
 
 
 def _npz_images(x: np.ndarray) -> np.ndarray:
@@ -354,7 +393,7 @@ def _npz_images(x: np.ndarray) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def _load_npz(path: str) -> Dataset:
+def _load_npz(path: str, num_classes: Optional[int] = None) -> Dataset:
   with np.load(path) as f:
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
                if k not in f.files]
@@ -363,12 +402,11 @@ def _load_npz(path: str) -> Dataset:
     arrays = {k: f[k] for k in f.files}
   y_train = _labels(f"{path}: y_train", arrays["y_train"])
   y_test = _labels(f"{path}: y_test", arrays["y_test"])
-  if "num_classes" in arrays:
+  if num_classes is None and "num_classes" in arrays:
     num_classes = int(arrays["num_classes"])
-  else:
-    num_classes = _infer_num_classes(y_train, y_test)
   return Dataset(path, _npz_images(arrays["x_train"]), y_train,
-                 _npz_images(arrays["x_test"]), y_test, num_classes)
+                 _npz_images(arrays["x_test"]), y_test,
+                 _public_num_classes(path, y_test, num_classes))
 
 
 def _load_digits() -> Dataset:
@@ -407,7 +445,8 @@ def _load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
                  np.asarray(y_test, np.int32).reshape(-1), _NUM_CLASSES[name])
 
 
-def load_dataset(name: str, *, data_dir: Optional[str] = None) -> Dataset:
+def load_dataset(name: str, *, data_dir: Optional[str] = None,
+                 num_classes: Optional[int] = None) -> Dataset:
   """Loads a data set by name or path.
 
   Names: "digits" (embedded, scikit-learn; 1437/360 stratified split with a
@@ -422,15 +461,22 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None) -> Dataset:
   of IDX files (normalized to [0, 1]) or a `.npz` file with arrays
   `x_train, y_train, x_test, y_test` (and optionally `num_classes`).
 
+  The number of classes (the model's output size) comes from public
+  information only: `num_classes`, else the named data set's or the .npz
+  file's metadata, else the largest *test* label + 1 (the test set is public
+  under the threat model); a training label outside that range is refused.
+
   Args:
     name: a data set name or a path.
     data_dir: see above.
+    num_classes: the number of classes, overriding the metadata.
 
   Returns:
     The `Dataset`.
 
   Raises:
-    ValueError: unknown name (the message lists the allowed names).
+    ValueError: unknown name (the message lists the allowed names); a
+      label outside [0, num_classes); damaged files (naming the file).
     FileNotFoundError: an IDX directory lacks files (the message names them).
 
   Example:
@@ -439,25 +485,31 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None) -> Dataset:
     ((1437, 8, 8, 1), 10)
   """
   if name == "digits":
-    return _load_digits()
-  if name in _IDX_NAMES:
+    dataset = _load_digits()
+  elif name in _IDX_NAMES:
     mean, std = NORMALIZATION[name]
     directory = data_dir
     if directory is None:
       system = os.path.join(SYSTEM_DATASETS_DIR, name.replace("_", "-"))
       directory = system if os.path.isdir(system) else None
     if directory is not None:
-      return _load_idx_dataset(name, directory, mean, std, _NUM_CLASSES[name])
-    return _load_tfds(name, None)
-  if name in _NUM_CLASSES:
-    return _load_tfds(name, data_dir)
-  if name.endswith(".npz") and os.path.isfile(name):
-    return _load_npz(name)
-  if os.path.isdir(name):
-    return _load_idx_dataset(name, name, (0.0,), (1.0,))
-  raise ValueError(
-      f"unknown data set {name!r}: expected one of {', '.join(DATASET_NAMES)}"
-      ", a directory of IDX files or an existing .npz file")
+      return _load_idx_dataset(name, directory, mean, std,
+                               num_classes or _NUM_CLASSES[name])
+    dataset = _load_tfds(name, None)
+  elif name in _NUM_CLASSES:
+    dataset = _load_tfds(name, data_dir)
+  elif name.endswith(".npz") and os.path.isfile(name):
+    return _load_npz(name, num_classes)
+  elif os.path.isdir(name):
+    return _load_idx_dataset(name, name, (0.0,), (1.0,), num_classes)
+  else:
+    raise ValueError(
+        f"unknown data set {name!r}: expected one of "
+        f"{', '.join(DATASET_NAMES)}, a directory of IDX files or an "
+        "existing .npz file")
+  if num_classes is not None and num_classes != dataset.num_classes:
+    dataset = dataclasses.replace(dataset, num_classes=int(num_classes))
+  return dataset
 
 
 # ----------------------------------------------------------------------------
@@ -553,11 +605,15 @@ class PoissonSpec:
     num_steps: the steps of the whole run (batches yielded from start_step).
     augmult: rows per example (augmentation multiplicity); the optimizer
       must group the same number.
+    max_batch_size: the cap that truncates larger batches, or None (exact
+      Poisson sampling); the accountant adds its cost to delta
+      (`accounting.PrivacySpec.max_batch_size`).
   """
   num_examples: int
   sampling_probability: float
   num_steps: int
   augmult: int = 1
+  max_batch_size: Optional[int] = None
 
 
 def poisson_spec(dataset) -> Optional[PoissonSpec]:
@@ -565,9 +621,9 @@ def poisson_spec(dataset) -> Optional[PoissonSpec]:
   return getattr(dataset, "poisson_spec", None)
 
 
-def _tagged(dataset, n, q, num_steps, augmult):
+def _tagged(dataset, n, q, num_steps, augmult, max_batch_size=None):
   dataset.poisson_spec = PoissonSpec(int(n), float(q), int(num_steps),
-                                     int(augmult))
+                                     int(augmult), max_batch_size)
   return dataset
 
 
@@ -656,9 +712,12 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
     max_batch_size: if given, a batch larger than this is truncated to a
       uniformly random subset of `max_batch_size` examples. Truncation is
       not Poisson sampling: if p is the per-step probability that
-      Binomial(N, q) > max_batch_size, the Poisson guarantee (eps, delta)
-      only holds as (eps, delta + (1 + e^eps) * num_steps * p). Pick a cap
-      far in the tail (see `poisson_truncation_probability`).
+      Binomial(N + 1, q) > max_batch_size, the Poisson guarantee (eps,
+      delta) only holds as (eps, delta + (1 + e^eps) * num_steps * p). The
+      cap is recorded in the `PoissonSpec`, and `PrivacyCallback` accounts
+      it (`accounting.PrivacySpec.max_batch_size`) or refuses a cap that
+      spends more than half of delta. Pick a cap far in the tail (see
+      `poisson_truncation_probability`).
     start_step: the first step yielded.
     augmult: K >= 1: every sampled example comes as K consecutive rows,
       randomly cropped and flipped (augmentation multiplicity, De et al.
@@ -692,7 +751,7 @@ def poisson_batches(x, y, sampling_probability: float, num_steps: int,
 
   steps = tf.data.Dataset.range(start_step, num_steps)
   return _tagged(steps.map(batch).prefetch(tf.data.AUTOTUNE), n,
-                 sampling_probability, num_steps, augmult)
+                 sampling_probability, num_steps, augmult, max_batch_size)
 
 
 def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
@@ -755,15 +814,6 @@ def distributed_poisson_batches(strategy: tf.distribute.Strategy, x, y,
 
   return _tagged(strategy.distribute_datasets_from_function(dataset_fn), n,
                  sampling_probability, num_steps, augmult)
-
-
-def poisson_truncation_probability(num_examples: int,
-                                   sampling_probability: float,
-                                   max_batch_size: int) -> float:
-  """P(Binomial(num_examples, q) > max_batch_size): one step's truncation."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  return float(stats.binom.sf(max_batch_size, num_examples,
-                              sampling_probability))
 
 
 def shuffled_batches(x, y, batch_size: int, seed: Optional[int], *,

@@ -116,6 +116,7 @@ class MaskedDPGradients:
   """Per-example clipped, masked, noised gradients (see the module doc)."""
 
   _warned_fallback = False
+  _warned_denominator = False
 
   def _init_dp(self, masks, l2_norm_clip, noise_multiplier,
                expected_batch_size, noise_seed, iterations, num_microbatches,
@@ -156,7 +157,16 @@ class MaskedDPGradients:
 
   @property
   def expected_batch_size(self):
+    """B, the denominator of every step (None: the realized batch size,
+    right only for fixed-size batches; under Poisson sampling the realized
+    size is private). `PrivacyCallback` sets it when it is None."""
     return self._expected_batch_size
+
+  @expected_batch_size.setter
+  def expected_batch_size(self, value):
+    if value is not None and not value > 0:
+      raise ValueError(f"expected_batch_size={value!r} must be > 0 or None")
+    self._expected_batch_size = value
 
   @property
   def augmentation_multiplicity(self):
@@ -310,6 +320,14 @@ class MaskedDPGradients:
           tf.cast(batch, tf.float32)))
       sums = sums_of(coef, finite)
       replica = _replica_context()
+      if not self._expected_batch_size and not self._warned_denominator:
+        type(self)._warned_denominator = True
+        logging.warning(
+            "%s has no expected_batch_size: it divides each step by the "
+            "realized batch size, which is right only for fixed-size "
+            "batches. Under Poisson sampling (tdp.poisson_dataset) the "
+            "realized size is private: pass expected_batch_size=B (or train "
+            "with tdp.PrivacyCallback, which sets it).", type(self).__name__)
       if self._expected_batch_size:
         denominator = tf.constant(float(self._expected_batch_size))
       elif replica is not None:  # the global batch of this step

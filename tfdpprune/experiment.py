@@ -17,6 +17,7 @@ from absl import logging
 
 from tfdpprune import accounting
 from tfdpprune import callbacks as callbacks_lib
+from tfdpprune import checkpointing
 from tfdpprune import data as data_lib
 from tfdpprune import ledger as ledger_lib
 from tfdpprune import masks as masks_lib
@@ -51,16 +52,24 @@ def _flag_error(flag, value, error):
   return ValueError(f"--{flag}={value!r}: {error}")
 
 
-def load_data(config: TrainConfig):
+def load_data(config: TrainConfig, workdir: Optional[str] = None):
   """(private Dataset, public (x, y) or None), never counting public in N.
 
   With `validation_fraction`, the returned Dataset's training part excludes
-  the validation examples; see `validation_split`.
+  the validation examples; see `validation_split`. `workdir` is the run
+  directory, where no feature cache may be.
   """
   try:
-    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                    num_classes=config.num_classes)
   except (ValueError, FileNotFoundError) as e:
     raise _flag_error("dataset", config.dataset, e) from e
+  if not dataset.num_train or not dataset.num_test:
+    raise _flag_error(
+        "dataset", config.dataset,
+        f"has {dataset.num_train} training and {dataset.num_test} test "
+        "examples: the trainer needs both (it trains on the first and "
+        "reports the second)")
   public = None
   if config.public_dataset is not None:
     try:
@@ -87,7 +96,7 @@ def load_data(config: TrainConfig):
     dataset, public = data_lib.split_public(dataset, config.public_fraction,
                                             seed=config.seed)
   if config.features is not None:
-    dataset, public = _with_features(config, dataset, public)
+    dataset, public = _with_features(config, dataset, public, workdir)
   return dataset, public
 
 
@@ -95,14 +104,40 @@ def load_data(config: TrainConfig):
 FEATURE_CACHE_ENV = "TFDPPRUNE_FEATURE_CACHE"
 
 
-def _with_features(config: TrainConfig, dataset, public):
+def feature_cache_dir(workdir: Optional[str] = None) -> Optional[str]:
+  """`$TFDPPRUNE_FEATURE_CACHE`, refused inside `workdir` or any run
+  directory: the cache holds a transform of the private data, and a run
+  directory is released."""
+  cache = os.environ.get(FEATURE_CACHE_ENV) or None
+  if cache is None:
+    return None
+  inside = checkpointing.run_directory_of(cache)
+  if inside is None and workdir is not None:
+    real, run = os.path.realpath(cache), os.path.realpath(workdir)
+    inside = run if os.path.commonpath([real, run]) == run else None
+  if inside is not None:
+    raise ValueError(
+        f"${FEATURE_CACHE_ENV}={cache!r} lies inside the run directory "
+        f"{inside}, which is released, but the cache holds a transform of "
+        "the private data: keep it as private as the data, outside every "
+        f"run directory (e.g. {FEATURE_CACHE_ENV}=~/.cache/tfdpprune/"
+        "features)")
+  return cache
+
+
+def _with_features(config: TrainConfig, dataset, public, workdir=None):
   """The data with every image replaced by its fixed features: a public,
   data-independent map applied to each example alone, so the DP guarantee
   on the features is the guarantee on the images."""
+  try:
+    cache = feature_cache_dir(workdir)
+  except ValueError as e:
+    raise _flag_error("features", config.features, e) from e
+
   def features(x):
     return scattering.transform(
         x, progress="scattering features" if sys.stderr.isatty() else None,
-        cache_dir=os.environ.get(FEATURE_CACHE_ENV) or None)
+        cache_dir=cache)
 
   try:  # the images' size is checked when the transform is built
     x_train = features(dataset.x_train)
@@ -126,6 +161,10 @@ def validation_split(config: TrainConfig, dataset):
 
 def plan(config: TrainConfig, num_examples: int):
   """(steps, sampling probability, noise multiplier) of the run."""
+  if num_examples < 1:
+    raise _flag_error("dataset", config.dataset,
+                      "leaves no private training examples after the "
+                      "public and validation parts are held out")
   if config.delta >= 1.0 / num_examples:
     raise _flag_error("delta", config.delta,
                       f"must be < 1/N = {1.0 / num_examples:.3g} for N = "
@@ -144,7 +183,8 @@ def plan(config: TrainConfig, num_examples: int):
 
 
 # The flags a run's epsilon depends on: a resume must not change them.
-PRIVACY_FLAGS = ("dataset", "data_dir", "features", "public_dataset",
+PRIVACY_FLAGS = ("dataset", "data_dir", "num_classes", "features",
+                 "public_dataset",
                  "public_fraction",
                  "validation_fraction",
                  "batch_size", "epochs", "steps", "noise_multiplier",
@@ -300,60 +340,38 @@ class _Terminate:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-_LEDGER_KEY = "ledger/params/.ATTRIBUTES/VARIABLE_VALUE"
-ABANDONED = "abandoned_steps.json"
-
-
-def _saved_ledger_at(checkpoint_path, workdir
-                     ) -> Optional[ledger_lib.Ledger]:
-  """The ledger of a checkpoint, or None without a checkpoint."""
-  if not checkpoint_path:
-    return None
-  reader = tf.train.load_checkpoint(checkpoint_path)
-  if not reader.has_tensor(_LEDGER_KEY):
-    raise ledger_lib.LedgerMismatch(
-        f"refusing to resume {workdir}: its checkpoint has no privacy ledger "
-        "(it was written by an older tfdpprune), so the privacy parameters "
-        "of its steps cannot be checked. Start a new run in another "
-        "--workdir.")
-  return ledger_lib.Ledger.from_json(reader.get_tensor(_LEDGER_KEY).decode())
-
-
-def _abandoned(workdir):
-  """(ledger, steps) of steps taken but abandoned after divergence, or None.
-
-  Such steps were released (at least the failure they ended in), so a rerun
-  accounts them; they were taken with the ledger stored beside them.
-  """
-  path = os.path.join(workdir, ABANDONED)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
-  return ledger_lib.Ledger.from_json(record["ledger"]), int(record["steps"])
-
-
-def _run_ledger(config, dataset, sigma, q, latest, workdir):
-  """(the run's ledger, abandoned steps); refuses (`LedgerMismatch`, before
-  anything is touched) a rerun whose ledger differs from its earlier
-  segments'. The fingerprint salt is the run's first segment's."""
-  abandoned = _abandoned(workdir)
-  earlier = [l for l in (_saved_ledger_at(latest, workdir),
-                         abandoned[0] if abandoned else None) if l]
+def _run_ledger(config, dataset, sigma, q, store):
+  """The run's ledger; refuses (`LedgerMismatch`, before anything is
+  written) a rerun whose ledger differs from its earlier segments'. The
+  fingerprint salt is the run's first segment's."""
+  earlier = store.earlier_ledgers
   salt = earlier[0].fingerprint_salt if earlier else ledger_lib.new_salt()
   ledger = privacy_ledger(config, dataset, sigma, q, salt)
   for segment in earlier:
-    ledger_lib.check_resume(segment, ledger, workdir)
-  return ledger, (abandoned[1] if abandoned else 0)
+    ledger_lib.check_resume(segment, ledger, store.workdir)
+  return ledger
 
 
-def _record_abandoned(workdir, ledger, steps):
-  previous = _abandoned(workdir)
-  total = steps + (previous[1] if previous else 0)
-  tmp = os.path.join(workdir, ABANDONED + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"ledger": ledger.to_json(), "steps": total}, f)
-  os.replace(tmp, os.path.join(workdir, ABANDONED))
+def _config_changes(workdir, config) -> str:
+  """The settings that differ from the run directory's `config.json`."""
+  try:
+    with open(os.path.join(workdir, CONFIG)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  def flat(d):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+      else:
+        out[k] = v
+    return out
+  before, now = flat(saved), flat(config.to_dict())
+  changed = [f"{k}: {before.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+             for k in sorted(set(before) | set(now))
+             if before.get(k) != now.get(k)]
+  return (" Changed: " + "; ".join(changed) + ".") if changed else ""
 
 
 def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
@@ -365,7 +383,11 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   running it again resumes from the checkpoint, with fresh secret
   randomness: the resumed run matches an uninterrupted one in steps and
   epsilon (not bit for bit). A checkpoint whose privacy ledger differs
-  (other privacy flags or private data) is refused (`ledger.LedgerMismatch`).
+  (other privacy flags or private data) is refused (`ledger.LedgerMismatch`);
+  so is a directory whose checkpoints or journal cannot be restored without
+  losing released steps from epsilon (`ledger.ResumeRefused`, see
+  `checkpointing`). A damaged newest checkpoint falls back to the newest
+  readable one, and the steps in between count in epsilon.
 
   With a `strategy` (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) the
   model and optimizer are built in its scope; each step's global Poisson
@@ -376,15 +398,21 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   written to `workdir` once the resume check passed, so a refused rerun
   leaves the run's files as they were.
 
+  With `validation_fraction`, `fit`'s evaluation (`eval/*` in TensorBoard,
+  the divergence check) stays on the test set; the private validation split
+  is evaluated beside it under `nonprivate/validation/*`.
+
   Raises:
     ValueError: a flag is invalid for the data (the message starts with
-      `--<flag>`), or `ledger.LedgerMismatch`.
+      `--<flag>`), or `ledger.ResumeRefused` (`LedgerMismatch`).
     callbacks.NonFiniteLossError: the loss or weights became non-finite; the
       last good checkpoint is kept.
+    checkpointing.RunDirectoryError: the run directory cannot be written.
   """
   strategy = strategy or tf.distribute.get_strategy()
   start_time = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_writable(workdir)
+  store = checkpointing.RunCheckpoints(workdir)  # reads only; may refuse
   if config.noise_seed is not None:
     logging.warning(
         "--noise_seed=%d: DP noise and Poisson sampling are reproducible and "
@@ -393,7 +421,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
         config.noise_seed)
 
   # -- input -----------------------------------------------------------------
-  dataset, public = load_data(config)
+  dataset, public = load_data(config, workdir)
   dataset, validation = validation_split(config, dataset)
   n = dataset.num_train
   steps, q, sigma = plan(config, n)
@@ -409,31 +437,20 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     model.compile(optimizer, _loss(), metrics=["accuracy"])
 
   # -- restore ----------------------------------------------------------------
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  latest = tf.train.latest_checkpoint(checkpoint_dir)
-  ledger, abandoned_steps = _run_ledger(config, dataset, sigma, q, latest,
-                                        workdir)
+  ledger = _run_ledger(config, dataset, sigma, q, store)
   state = ledger_lib.LedgerState(ledger, optimizer.iterations)
   parts = dict(model=model, optimizer=optimizer, ledger=state)
   if averaging is not None:
     parts["weight_average"] = averaging.state
   checkpoint = tf.train.Checkpoint(**parts)
-  manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
-                                       max_to_keep=2)
-  if latest:
-    status = checkpoint.restore(latest)
-    # Every existing object is restored; optimizer variables created later
-    # (hyper-parameters, slots) are restored when created, or not at all if
-    # the run is already finished.
-    status.assert_existing_objects_matched().expect_partial()
+  start = store.start(checkpoint, optimizer.iterations, ledger,
+                      mismatch=lambda: _config_changes(workdir, config))
+  abandoned_steps = store.abandoned_steps
   for name, text in [(CONFIG, json.dumps(config.to_dict(), indent=2))] + (
       list((files or {}).items())):
-    with open(os.path.join(workdir, name), "w") as f:
-      f.write(text)
-  start = int(optimizer.iterations.numpy())
+    checkpointing.write_atomically(os.path.join(workdir, name), text)
   if start:
-    logging.info("Resumed from %s at step %d", manager.latest_checkpoint,
-                 start)
+    logging.info("Resumed from %s at step %d", store.resume_from, start)
 
   # -- train ------------------------------------------------------------------
   steps_per_epoch, epochs = fit_epochs(config, steps, q)
@@ -448,23 +465,29 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     return data_lib.shuffled_batches(x, y, config.eval_batch_size,
                                      seed=None).with_options(options)
   test = evaluation(dataset.x_test, dataset.y_test)
-  during = test if validation is None else evaluation(*validation)
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   with _Terminate() as terminate:
     saver = callbacks_lib.CheckpointEveryEpoch(
-        manager, lambda: terminate.requested, saved_step=start)
+        store, lambda: terminate.requested, saved_step=start)
     saver.set_model(model)
     callbacks = [
-        saver,  # first: it checks the (private) loss for finiteness
+        saver,  # first: it checks the released state for finiteness
         callbacks_lib.PrivacyCallback(n, config.batch_size, sigma,
                                       delta=config.delta,
                                       accountant=config.accountant,
-                                      dataset=train),
+                                      dataset=train,
+                                      prior_steps=abandoned_steps),
         callbacks_lib.StepLimit(steps),
         callbacks_lib.TrainingSummaries(
             writer, config.to_dict(), nonprivate=config.nonprivate_metrics,
             should_write=lambda: saver.failure is None),
     ]
+    validating = None
+    if validation is not None:
+      validating = callbacks_lib.ValidationSummaries(
+          writer, evaluation(*validation), averaging,
+          should_write=lambda: saver.failure is None)
+      callbacks.append(validating)
     if averaging is not None:
       callbacks.insert(1, averaging)  # evaluation sees the averaged weights
     if not config.nonprivate_metrics:
@@ -472,7 +495,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     if start < steps:
       model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch,
                 initial_epoch=min(start // steps_per_epoch, epochs - 1),
-                validation_data=during, callbacks=callbacks, verbose=verbose)
+                validation_data=test, callbacks=callbacks, verbose=verbose)
     if saver.failure is None and terminate.requested:
       saver.save()
       logging.warning("SIGTERM: checkpointed at step %d; rerun to resume",
@@ -483,7 +506,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   if saver.failure is not None:
     # The steps after the last checkpoint were taken (and their failure
     # released): a rerun from that checkpoint accounts them.
-    _record_abandoned(workdir, ledger, saver.failure_step - saver.saved_step)
+    store.record_abandoned(saver.failure_step - saver.saved_step)
     raise callbacks_lib.NonFiniteLossError(saver.failure)
 
   # -- evaluate & save ----------------------------------------------------------
@@ -493,12 +516,6 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   if averaging is not None:
     with averaging.swapped():
       test_loss, test_accuracy = model.evaluate(test, verbose=0)
-  if validation is not None:
-    if averaging is not None:
-      with averaging.swapped():
-        val_loss, val_accuracy = model.evaluate(during, verbose=0)
-    else:
-      val_loss, val_accuracy = model.evaluate(during, verbose=0)
   epsilon = accounting.compute_epsilon(
       n, config.batch_size, sigma, steps=done + abandoned_steps,
       delta=config.delta, accountant=config.accountant)
@@ -518,18 +535,17 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
       "replicas": strategy.num_replicas_in_sync,
       "ledger": ledger.public_dict(),
   }
-  if validation is not None:
+  if validating is not None:
+    values = validating.evaluate()
     results.update(
-        validation_accuracy=float(val_accuracy),
-        validation_loss=float(val_loss),
+        validation_accuracy=float(values["accuracy"]),
+        validation_loss=float(values["loss"]),
         num_validation=len(validation[1]),
         validation_note=("held-out private training examples, for tuning: "
                          "outside the DP guarantee"))
   with writer.as_default():
     callbacks_lib.write_scalar("eval/final_accuracy", test_accuracy, step=done)
   writer.flush()
-  tmp = os.path.join(workdir, RESULTS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, RESULTS))
+  checkpointing.write_atomically(os.path.join(workdir, RESULTS),
+                                 json.dumps(results, indent=2))
   return results

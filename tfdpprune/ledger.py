@@ -34,7 +34,13 @@ _KEY_BYTES = 32
 _VERSION = 1
 
 
-class LedgerMismatch(ValueError):
+class ResumeRefused(ValueError):
+  """A run directory that cannot be resumed without misreporting epsilon or
+  writing over released files; refused before anything is written (the
+  trainer exits with code 2)."""
+
+
+class LedgerMismatch(ResumeRefused):
   """A resume whose privacy parameters or data differ from the checkpoint's."""
 
 

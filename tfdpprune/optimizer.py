@@ -36,10 +36,13 @@ class MaskedDPKerasSGDOptimizer(dp_gradients.MaskedDPGradients,
   keras = tdp.keras
   model = tdp.prune(model)      # fast per-example gradients (optional)
   opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
-                                      learning_rate=0.1, momentum=0.9)
+                                      learning_rate=0.1, momentum=0.9,
+                                      expected_batch_size=256)
   model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=keras.losses.Reduction.NONE))
-  model.fit(tdp.poisson_dataset(x, y, batch_size=256, epochs=10))
+  batches = tdp.poisson_dataset(x, y, batch_size=256, epochs=10)
+  model.fit(batches, callbacks=[tdp.PrivacyCallback(
+      len(x), 256, noise_multiplier=1.1, dataset=batches)])
   ```
 
   Args:
@@ -54,7 +57,11 @@ class MaskedDPKerasSGDOptimizer(dp_gradients.MaskedDPGradients,
       (multiplied) with these. (An integer here is TF Privacy's positional
       `num_microbatches`; every later argument is keyword-only.)
     expected_batch_size: divide the noised sum by this instead of the actual
-      batch size (right for Poisson-sampled, variable-size batches).
+      batch size. Required under Poisson sampling (`tdp.poisson_dataset`):
+      the realized size of a Poisson batch is private, and dividing by it
+      releases it (the spread of the noise in one update reveals it). None
+      (the default) divides by the realized size, right only for fixed-size
+      batches; `tdp.PrivacyCallback` sets it to its batch size.
     noise_seed: None (default): the noise key is secret, drawn from OS
       entropy and never saved. An integer makes the noise reproducible and
       public (experiments only: the guarantee then assumes the adversary does

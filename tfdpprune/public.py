@@ -22,20 +22,47 @@ from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
 
-def as_arrays(public_data) -> Tuple[np.ndarray, np.ndarray]:
-  """`(x, y)` arrays of `public_data`: an `(x, y)` pair or a `tf.data`
-  dataset of `(x, y)` batches or examples (read once)."""
+# The most a `tf.data` public input may hold in memory (as arrays).
+MAX_PUBLIC_BYTES = 2 << 30
+
+
+def as_arrays(public_data, max_bytes: int = MAX_PUBLIC_BYTES
+              ) -> Tuple[np.ndarray, np.ndarray]:
+  """`(x, y)` arrays of `public_data`: an `(x, y)` pair or a finite `tf.data`
+  dataset of `(x, y)` batches or examples (read once, into memory).
+
+  A dataset that repeats forever is refused at once (`.repeat()` without a
+  count is the usual idiom for a training input, but here it would never
+  end); one of unknown length is read until it ends or holds more than
+  `max_bytes` (2 GiB), then refused.
+
+  Raises:
+    ValueError: no data, mismatched lengths, an infinite dataset or one
+      larger than `max_bytes` (with the fix).
+  """
   if public_data is None:
     raise ValueError("public_data is required by the public-data mask "
                      "methods (public_gradient, public_saliency, dirichlet)")
   if isinstance(public_data, tf.data.Dataset):
-    xs, ys = [], []
+    fix = ("Pass a finite dataset (e.g. without .repeat(), or "
+           "ds.take(n)) or (x, y) arrays; the mask methods draw their own "
+           "public batches from it")
+    if public_data.cardinality() == tf.data.INFINITE_CARDINALITY:
+      raise ValueError(f"public_data is an infinite tf.data.Dataset (it "
+                       f"repeats forever), so it cannot be read. {fix}")
+    xs, ys, size = [], [], 0
     for element in public_data:
       x, y = np.asarray(element[0]), np.asarray(element[1])
       if y.ndim == 0:  # one example, not a batch
         x, y = x[np.newaxis], y[np.newaxis]
       xs.append(x)
       ys.append(y)
+      size += x.nbytes + y.nbytes
+      if size > max_bytes:
+        raise ValueError(
+            f"public_data holds more than {max_bytes / 2**30:.3g} GiB (read "
+            f"{sum(len(v) for v in ys)} examples so far; a dataset of "
+            f"unknown length may repeat forever). {fix}, smaller than that")
     if not xs:
       raise ValueError("public_data is empty")
     x, y = np.concatenate(xs), np.concatenate(ys)

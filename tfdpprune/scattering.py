@@ -32,7 +32,6 @@ layer = scattering.Scattering2D()         # the same map as a Keras layer
 ```
 """
 
-import hashlib
 import math
 import os
 import tempfile
@@ -40,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 
+from tfdpprune import ledger
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 
@@ -187,19 +187,24 @@ def transform(x: np.ndarray, *, J: int = 2, L: int = 8,
       J=2, L=8 (about 3 MB per example), fewer for larger images, so a
       batch stays near 1.5 GB.
     progress: a label to show a tqdm progress bar under, or None.
-    cache_dir: a directory to keep the features in, keyed by a digest of
-      `x`, J and L, so the next run skips the computation (about 2 minutes
-      for Fashion-MNIST on 2 CPU cores). The files are as private as the
-      images: never a run directory, which is released.
+    cache_dir: a directory to keep the features in, named by a keyed digest
+      (HMAC-SHA256 under the user's fingerprint key, `ledger.fingerprint`)
+      of `x`, J and L, so the next run skips the computation (about 2
+      minutes for Fashion-MNIST on 2 CPU cores). The files are as private
+      as the images: never a run directory, which is released (the trainer
+      refuses one).
 
   Returns:
     `[N, H/2**J, W/2**J, C * num_channels(J, L)]` float32 features.
   """
   if cache_dir is None:
     return _compute(x, J, L, batch_size, progress)
-  digest = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes())
-  digest.update(f"{x.shape}|J={J}|L={L}|v1".encode())
-  path = os.path.join(cache_dir, f"scattering-{digest.hexdigest()[:32]}.npy")
+  # Keyed (HMAC under the user's fingerprint key), so a file name is no
+  # membership oracle: a plain hash of the images would let anyone who knows
+  # all but one example test which data set was used.
+  digest = ledger.fingerprint(np.ascontiguousarray(x, np.float32),
+                              salt=f"scattering|J={J}|L={L}|v2")
+  path = os.path.join(cache_dir, f"scattering-{digest[:32]}.npy")
   if os.path.exists(path):
     return np.load(path)
   features = _compute(x, J, L, batch_size, progress)

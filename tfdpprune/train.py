@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfdpprune import _compat
 from tfdpprune import callbacks
+from tfdpprune import checkpointing
 from tfdpprune import experiment
 from tfdpprune import flagfile
 from tfdpprune import ledger
@@ -70,14 +71,21 @@ flags.DEFINE_string("dataset", _D.dataset, "digits | mnist | fashion_mnist | "
                     "emnist | cifar10 | cifar100 | svhn_cropped | an IDX "
                     "directory | an .npz file.")
 flags.DEFINE_string("data_dir", None, "Directory of the data set's files.")
+flags.DEFINE_integer("num_classes", None, "Number of classes (the model's "
+                     "outputs). Default: the data set's metadata (named data "
+                     "sets, an .npz file's num_classes array), else the "
+                     "largest test label + 1; never the private training "
+                     "labels. A training label outside [0, num_classes) is "
+                     "refused.")
 flags.DEFINE_string("public_dataset", None, "Public data set (never in N).")
 flags.DEFINE_float("public_fraction", _D.public_fraction, "Held-out public "
                    "fraction of the training split, in [0, 1).")
 flags.DEFINE_float("validation_fraction", _D.validation_fraction, "Tuning "
                    "only: hold out this fraction of the private training set "
-                   "as a validation set, evaluated during training instead "
-                   "of the test set (its metrics are outside the DP "
-                   "guarantee); in [0, 1).")
+                   "as a validation set, evaluated at every epoch end beside "
+                   "the test set, under TensorBoard's nonprivate/validation/ "
+                   "tags (its metrics are outside the DP guarantee); in "
+                   "[0, 1).")
 flags.DEFINE_integer("public_pretrain_epochs", _D.public_pretrain_epochs,
                      "Non-private pre-training epochs on the public data.")
 # -- model ----------------------------------------------------------------------
@@ -213,7 +221,8 @@ def config_from_flags() -> TrainConfig:
   target, sigma = FLAGS.target_epsilon, FLAGS.noise_multiplier
   epochs, steps = FLAGS.epochs, FLAGS.steps
   return TrainConfig(
-      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+      num_classes=FLAGS.num_classes, model=FLAGS.model,
       model_width=FLAGS.model_width, model_norm=FLAGS.model_norm,
       features=FLAGS.features,
       public_dataset=FLAGS.public_dataset,
@@ -320,10 +329,10 @@ def main(argv):
     results = experiment.run(config, workdir, verbose=FLAGS.verbose,
                              strategy=strategy,
                              files={"flags.txt": FLAGS.flags_into_string()})
-  except ledger.LedgerMismatch as e:
+  except ledger.ResumeRefused as e:  # the workdir is left as it was
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
-  except callbacks.NonFiniteLossError as e:
+  except (callbacks.NonFiniteLossError, checkpointing.RunDirectoryError) as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(1)
   except ValueError as e:
