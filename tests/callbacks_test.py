@@ -215,8 +215,8 @@ def test_noise_scale_is_sigma_c_over_expected_batch_not_realized():
 
 
 def test_tf_privacy_optimizer_dividing_by_realized_batch_is_refused():
-  from tfdpprune._compat import dp_optimizer_keras  # pylint: disable=g-import-not-at-top
-  optimizer = dp_optimizer_keras.DPKerasSGDOptimizer(
+  from tfdpprune.keras2 import compat  # pylint: disable=g-import-not-at-top
+  optimizer = compat.DPKerasSGDOptimizer(
       l2_norm_clip=1.0, noise_multiplier=SIGMA, num_microbatches=None,
       learning_rate=0.01)
   model = _model(optimizer=optimizer)

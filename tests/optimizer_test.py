@@ -7,7 +7,8 @@ import pytest
 
 import tfdpprune as tdp
 from tfdpprune import per_example
-from tfdpprune._compat import dp_optimizer_keras
+from tfdpprune._compat import dp_optimizer_keras  # noqa: F401
+from tfdpprune.keras2 import compat as keras2_compat
 from tfdpprune._compat import tf
 
 keras = tdp.keras
@@ -45,7 +46,7 @@ def _bits(variables):
 def test_is_a_tf_privacy_optimizer_and_a_legacy_sgd():
   opt = tdp.MaskedDPKerasSGDOptimizer(1.0, 1.1, learning_rate=0.1)
   assert isinstance(opt, keras.optimizers.legacy.SGD)
-  assert isinstance(opt, dp_optimizer_keras.GenericDPSGDOptimizer)
+  assert isinstance(opt, keras2_compat.GenericDPSGDOptimizer)
   assert opt.l2_norm_clip == 1.0 and opt.noise_multiplier == 1.1
 
 
@@ -523,7 +524,7 @@ def test_batch_norm_is_refused_wherever_the_model_is_held():
 def test_adam_is_a_tf_privacy_optimizer_and_a_legacy_adam():
   opt = tdp.MaskedDPKerasAdamOptimizer(1.0, 1.1, learning_rate=1e-3)
   assert isinstance(opt, keras.optimizers.legacy.Adam)
-  assert isinstance(opt, dp_optimizer_keras.GenericDPAdamOptimizer)
+  assert isinstance(opt, keras2_compat.GenericDPAdamOptimizer)
   assert opt.l2_norm_clip == 1.0 and opt.noise_multiplier == 1.1
 
 

@@ -2,16 +2,27 @@
 
 DP-SGD that clips and noises only the parameters being trained (parameter
 freezing / pre-pruning and parameter selection / gradient dropping, Adamczewski
-& Park 2023), on TensorFlow / Keras 2 with TF Privacy.
+& Park 2023), on TensorFlow with Keras 3 or Keras 2 (`tf_keras`) and TF
+Privacy.
 
 ```python
+import keras                                   # Keras 3, TensorFlow backend
 import tfdpprune as tdp
-keras = tdp.keras                      # tf_keras (Keras 2)
-model = tdp.prune(model)               # fast per-example gradients, masks
+private = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1,
+                           expected_batch_size=256)
+private.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+
+keras2 = tdp.keras                             # tf_keras (Keras 2)
 opt = tdp.MaskedDPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.1,
                                     learning_rate=0.1, momentum=0.9,
                                     expected_batch_size=256)  # Poisson B
 ```
+
+Importing tfdpprune changes nothing global: `tf.keras` stays what the user's
+environment makes it. Entry points take models of either Keras and dispatch
+on the model's (`tfdpprune.frontends`).
 """
 
 from tfdpprune._compat import keras
@@ -21,6 +32,7 @@ from tfdpprune.callbacks import PrivacyCallback
 from tfdpprune.config import PruneConfig
 from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
 from tfdpprune.optimizer import MaskedDPKerasSGDOptimizer
+from tfdpprune.private_training import make_private
 from tfdpprune.private_training import make_private_with_epsilon
 from tfdpprune.private_training import poisson_dataset
 from tfdpprune.pruning import attach_public_data
@@ -32,7 +44,8 @@ from tfdpprune.validation import validate
 __all__ = [
     "keras", "accounting", "attach_public_data", "masks",
     "MaskedDPKerasSGDOptimizer", "MaskedDPKerasAdamOptimizer", "PruneConfig", "prune", "PrivacyCallback",
-    "PruneWrapper", "strip", "validate", "make_private_with_epsilon",
+    "PruneWrapper", "strip", "validate", "make_private",
+    "make_private_with_epsilon",
     "poisson_dataset",
 ]
 __version__ = "0.1.0"

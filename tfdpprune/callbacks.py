@@ -1,9 +1,12 @@
 """Keras callbacks: privacy accounting (epsilon, budget stop), step limits,
 checkpoints and TensorBoard summaries (one writer per run) in `fit`.
 
-The step count always comes from the optimizer (`optimizer.iterations`), the
-steps that really happened; it is a checkpointed variable, so a resumed run
-reports the same epsilon as an uninterrupted one.
+The step count always comes from the object that runs the DP step
+(`dp_of(model)`: the Keras 2 optimizer, or the Keras 3 private model of
+`tdp.make_private`), the steps that really happened; it is a checkpointed
+variable, so a resumed run reports the same epsilon as an uninterrupted one.
+The callbacks are `tf_keras` callbacks; Keras 3's `fit` takes them as they
+are.
 """
 
 import dataclasses
@@ -15,11 +18,11 @@ from typing import Optional
 from absl import logging
 from scipy import stats
 
-from tfdpprune import accounting
 from tfdpprune import data as data_lib
-from tfdpprune import masks as masks_lib
-from tfdpprune._compat import keras
-from tfdpprune._compat import tf
+from tfdpprune.core import accounting
+from tfdpprune.core import masks as masks_lib
+from tfdpprune.keras2.compat import keras
+from tfdpprune.keras2.compat import tf
 
 # What `tf.summary.scalar` writes, without needing the `tensorboard` package
 # (TensorFlow 2.21 does not install it): a float32 scalar tagged for the
@@ -32,6 +35,24 @@ def write_scalar(tag: str, value: float, step: int) -> None:
   """Writes a TensorBoard scalar to the default summary writer."""
   tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
                    metadata=_SCALAR_METADATA)
+
+
+def dp_of(model):
+  """What runs the DP step of `model`: the model itself for a Keras 3
+  private model (`tdp.make_private`), else its (Keras 2) optimizer. It has
+  `iterations` (the DP step count) and, for DP, `noise_multiplier`."""
+  if hasattr(model, "noise_multiplier") and hasattr(model, "iterations"):
+    return model
+  optimizer = getattr(model, "optimizer", None)
+  if optimizer is None:
+    raise RuntimeError("the callback needs a compiled model: it reads the "
+                       "step count from model.optimizer.iterations")
+  return optimizer
+
+
+def dp_steps(model) -> int:
+  """The DP step count of `model` (`dp_of(model).iterations`)."""
+  return int(dp_of(model).iterations.numpy())
 
 
 class PrivacyCallback(keras.callbacks.Callback):
@@ -154,12 +175,9 @@ class PrivacyCallback(keras.callbacks.Callback):
 
   @property
   def steps(self) -> int:
-    """The optimizer's step count (`model.optimizer.iterations`)."""
-    optimizer = getattr(self.model, "optimizer", None)
-    if optimizer is None:
-      raise RuntimeError("PrivacyCallback needs a compiled model: it reads "
-                         "the step count from model.optimizer.iterations")
-    return int(keras.backend.get_value(optimizer.iterations))
+    """The DP step count (`model.optimizer.iterations`, or the Keras 3
+    private model's `iterations`)."""
+    return dp_steps(self.model)
 
   @property
   def epsilon(self) -> float:
@@ -188,16 +206,18 @@ class PrivacyCallback(keras.callbacks.Callback):
         f"cap of at least {safe} (or none)")
 
   def _steps_per_execution(self) -> int:
-    spe = getattr(self.model, "_steps_per_execution", None)
-    return 1 if spe is None else int(keras.backend.get_value(spe))
+    spe = getattr(self.model, "_steps_per_execution", None)  # Keras 2
+    if spe is None:
+      spe = getattr(self.model, "steps_per_execution", None)  # Keras 3
+    return 1 if spe is None else int(tf.convert_to_tensor(spe).numpy())
 
   def _check_noise_multiplier(self):
-    sigma = getattr(self.model.optimizer, "noise_multiplier", None)
+    sigma = getattr(dp_of(self.model), "noise_multiplier", None)
     if (isinstance(sigma, numbers.Real) and
         not math.isclose(sigma, self.spec.noise_multiplier, rel_tol=1e-9)):
       raise ValueError(
           f"PrivacyCallback noise_multiplier={self.spec.noise_multiplier!r} "
-          f"differs from the optimizer's noise_multiplier={sigma!r}; epsilon "
+          f"differs from the DP step's noise_multiplier={sigma!r}; epsilon "
           "would describe a different mechanism than the one trained")
 
   def _write(self, epsilon: float):
@@ -212,7 +232,7 @@ class PrivacyCallback(keras.callbacks.Callback):
   def _check_augmult(self):
     """The dataset's rows per example must be what the optimizer groups:
     else each augmented copy is clipped alone (sensitivity K * C)."""
-    grouped = getattr(self.model.optimizer, "augmentation_multiplicity", 1)
+    grouped = getattr(dp_of(self.model), "augmentation_multiplicity", 1)
     rows = 1 if self.sampling is None else self.sampling.augmult
     if self.sampling is not None and rows != grouped:
       raise ValueError(
@@ -224,7 +244,7 @@ class PrivacyCallback(keras.callbacks.Callback):
   def _check_denominator(self):
     """The optimizer must divide by the expected batch size B, not by the
     realized |B_t|, which is private under Poisson sampling."""
-    optimizer = self.model.optimizer
+    optimizer = dp_of(self.model)
     if not (hasattr(optimizer, "_dp_sum_query") or (  # TF Privacy's
         hasattr(optimizer, "_noise_multiplier") and
         hasattr(optimizer, "_num_microbatches"))):
@@ -296,7 +316,7 @@ class StepLimit(keras.callbacks.Callback):
     self.steps = int(steps)
 
   def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations.numpy()) >= self.steps:
+    if dp_steps(self.model) >= self.steps:
       self.model.stop_training = True
 
 
@@ -334,7 +354,7 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
     self._finite = None
 
   def _step(self) -> int:
-    return int(keras.backend.get_value(self.model.optimizer.iterations))
+    return dp_steps(self.model)
 
   def _weights_finite(self) -> bool:
     if self._finite is None:
@@ -532,7 +552,7 @@ class ValidationSummaries(keras.callbacks.Callback):
     if not self.should_write():
       return
     values = self.evaluate()
-    step = int(self.model.optimizer.iterations.numpy())
+    step = dp_steps(self.model)
     with self.writer.as_default():
       for name, value in values.items():
         write_scalar(f"nonprivate/validation/{name}", value, step=step)
@@ -554,8 +574,7 @@ class SparsitySummaries(keras.callbacks.Callback):
     self.writer = writer
 
   def on_epoch_end(self, epoch, logs=None):
-    write_sparsity(self.writer, self.model,
-                   int(self.model.optimizer.iterations.numpy()))
+    write_sparsity(self.writer, self.model, dp_steps(self.model))
 
 
 def write_sparsity(writer, model, step):
@@ -584,7 +603,7 @@ class TrainingSummaries(keras.callbacks.Callback):
     self.should_write = should_write or (lambda: True)
 
   def on_train_begin(self, logs=None):
-    step = int(self.model.optimizer.iterations.numpy())
+    step = dp_steps(self.model)
     with self.writer.as_default():
       if step == 0:
         tf.summary.text("config", "```\n" + json.dumps(self.config, indent=2)
@@ -595,8 +614,8 @@ class TrainingSummaries(keras.callbacks.Callback):
     if not self.should_write():
       return
     logs = logs or {}
-    opt = self.model.optimizer
-    step = int(opt.iterations.numpy())
+    opt = dp_of(self.model)
+    step = dp_steps(self.model)
     tags = [("val_loss", "eval/loss"), ("val_accuracy", "eval/accuracy"),
             ("epsilon", "privacy/epsilon")]
     if self.nonprivate:

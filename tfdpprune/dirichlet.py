@@ -50,15 +50,16 @@ The layers producing the model's outputs are never gated: their units are
 the model's outputs (e.g. the classes), not features to prune.
 """
 
+import functools
 from typing import List, Sequence
 
 from absl import logging
 import numpy as np
 
+from tfdpprune import frontends
 from tfdpprune import public
-from tfdpprune import randomness
-from tfdpprune._compat import keras
-from tfdpprune._compat import tf
+from tfdpprune.core import randomness
+from tfdpprune.core._tf import tf
 from tfdpprune.config import DirichletSettings
 
 
@@ -88,34 +89,43 @@ def gated_layers(model, candidates: Sequence[object]) -> list:
   return [l for l in candidates if l.name not in outputs]
 
 
-class _Gate(keras.layers.Layer):
-  """`layer`'s outputs times `scale`, `[batch, units]` (one sample per
-  example), which the inference sets before each call of the gated model
-  (inside the same trace)."""
+@functools.lru_cache(maxsize=None)
+def _gate_class(keras):
+  """The gate layer class of one Keras (a `Layer` subclass of it)."""
 
-  def __init__(self, layer, units: int):
-    super().__init__(name=f"dirichlet_gate_{layer.name}")
-    self.inner = layer
-    self.units = units
-    object.__setattr__(self, "scale", tf.ones([1, units]))
+  class Gate(keras.layers.Layer):
+    """`layer`'s outputs times `scale`, `[batch, units]` (one sample per
+    example), which the inference sets before each call of the gated model
+    (inside the same trace)."""
 
-  def call(self, inputs):
-    if getattr(self.inner, "data_format", None) == "channels_first":
-      raise ValueError(
-          f"Dirichlet pruning gates the last axis of layer "
-          f"{self.inner.name!r}, which is channels_first: use "
-          "channels_last, or leave the layer out with PruneConfig.layers")
-    outputs = self.inner(inputs)
-    if outputs.shape[-1] != self.units:
-      raise ValueError(
-          f"layer {self.inner.name!r} ({type(self.inner).__name__}) has "
-          f"{outputs.shape[-1]} outputs on its last axis but its pruned "
-          f"variables have {self.units} units: Dirichlet pruning gates output "
-          "units one to one. Leave it out with PruneConfig.layers")
-    shape = tf.concat([tf.shape(self.scale)[:1],
-                       tf.ones([outputs.shape.rank - 2], tf.int32),
-                       [self.units]], 0)
-    return outputs * tf.cast(tf.reshape(self.scale, shape), outputs.dtype)
+    def __init__(self, layer, units: int):
+      super().__init__(name=f"dirichlet_gate_{layer.name}")
+      self.inner = layer
+      self.units = units
+      object.__setattr__(self, "scale", tf.ones([1, units]))
+
+    def call(self, inputs):
+      if getattr(self.inner, "data_format", None) == "channels_first":
+        raise ValueError(
+            f"Dirichlet pruning gates the last axis of layer "
+            f"{self.inner.name!r}, which is channels_first: use "
+            "channels_last, or leave the layer out with PruneConfig.layers")
+      outputs = self.inner(inputs)
+      if outputs.shape[-1] != self.units:
+        raise ValueError(
+            f"layer {self.inner.name!r} ({type(self.inner).__name__}) has "
+            f"{outputs.shape[-1]} outputs on its last axis but its pruned "
+            f"variables have {self.units} units: Dirichlet pruning gates "
+            "output units one to one. Leave it out with PruneConfig.layers")
+      shape = tf.concat([tf.shape(self.scale)[:1],
+                         tf.ones([outputs.shape.rank - 2], tf.int32),
+                         [self.units]], 0)
+      return outputs * tf.cast(tf.reshape(self.scale, shape), outputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+      return self.inner.compute_output_shape(input_shape)
+
+  return Gate
 
 
 def importances(model, layers: Sequence[object], units: Sequence[int],
@@ -141,9 +151,10 @@ def importances(model, layers: Sequence[object], units: Sequence[int],
   x, y = public.as_arrays(public_data)
   batches = public.PublicBatches(
       x, y, batch_size, randomness.derived_key(seed, randomness.PUBLIC_BATCHES))
-  gates = {id(l): _Gate(l, n) for l, n in zip(layers, units)}
-  gated = keras.models.clone_model(
-      model, clone_function=lambda l: gates.get(id(l), l))
+  fe = frontends.of(model)
+  gate = _gate_class(fe.keras)
+  gates = {id(l): gate(l, n) for l, n in zip(layers, units)}
+  gated = fe.clone_model(model, lambda l: gates.get(id(l), l))
   gates = [gates[id(l)] for l in layers]
   loss = public.loss_fn(model)
   key = randomness.derived_key(seed, randomness.DIRICHLET)

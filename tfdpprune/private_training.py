@@ -27,6 +27,7 @@ from typing import Optional
 
 from tfdpprune import accounting
 from tfdpprune import data as data_lib
+from tfdpprune import frontends
 from tfdpprune import pruning
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -101,6 +102,51 @@ class PrivateTraining:
     return self.model.fit(self.dataset, epochs=self.epochs,
                           steps_per_epoch=self.steps_per_epoch,
                           callbacks=[self.callback, *callbacks], **kwargs)
+
+
+def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
+                 expected_batch_size: float, noise_seed: Optional[int] = None,
+                 augmentation_multiplicity: int = 1):
+  """A model whose `fit`, `train_on_batch` and `evaluate` work as usual and
+  whose every training step is a masked DP-SGD step.
+
+  Each step takes per-example losses from the compiled (standard) Keras
+  loss, the per-example gradients of the selected coordinates (masks from
+  `tdp.prune`), clips them jointly to `l2_norm_clip`, sums them, adds
+  Gaussian noise `noise_multiplier * l2_norm_clip` once on the selected
+  coordinates, divides by `expected_batch_size`, and applies the compiled
+  optimizer (any optimizer of the model's Keras) with unselected
+  coordinates and their optimizer state kept still.
+
+  ```python
+  private = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1,
+                             expected_batch_size=256)
+  private.compile(optimizer=keras.optimizers.AdamW(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  batches = tdp.poisson_dataset(x, y, batch_size=256, epochs=10)
+  private.fit(batches, callbacks=[tdp.PrivacyCallback(
+      len(y), 256, noise_multiplier=1.1, dataset=batches)])
+  ```
+
+  Args:
+    model: a built Keras 3 (TensorFlow backend) or Keras 2 model.
+    l2_norm_clip: C > 0.
+    noise_multiplier: sigma >= 0.
+    expected_batch_size: B > 0 (Poisson batches: their realized size is
+      private).
+    noise_seed: None (secret noise) or an integer (experiments only).
+    augmentation_multiplicity: K >= 1 augmented rows per example.
+  """
+  fe = frontends.of(model)
+  if fe.name == "keras3":
+    from tfdpprune.keras3 import private  # pylint: disable=g-import-not-at-top
+  else:
+    from tfdpprune.keras2 import private  # pylint: disable=g-import-not-at-top
+  return private.make_private(
+      model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+      expected_batch_size=expected_batch_size, noise_seed=noise_seed,
+      augmentation_multiplicity=augmentation_multiplicity)
 
 
 def make_private_with_epsilon(

@@ -17,9 +17,9 @@ from typing import List, Tuple
 
 import numpy as np
 
-from tfdpprune import randomness
-from tfdpprune._compat import keras
-from tfdpprune._compat import tf
+from tfdpprune import frontends
+from tfdpprune.core import randomness
+from tfdpprune.core._tf import tf
 
 
 # The most a `tf.data` public input may hold in memory (as arrays).
@@ -78,12 +78,13 @@ def as_arrays(public_data, max_bytes: int = MAX_PUBLIC_BYTES
 
 def loss_fn(model):
   """Summed sparse categorical cross-entropy of `model`'s outputs (from
-  logits unless the last layer applies a softmax)."""
+  logits unless the last layer applies a softmax), in `model`'s Keras."""
+  keras = frontends.of(model).keras
   last = model.layers[-1]
   last = getattr(last, "layer", last)
   softmax = getattr(last, "activation", None) is keras.activations.softmax
   return keras.losses.SparseCategoricalCrossentropy(
-      from_logits=not softmax, reduction=keras.losses.Reduction.SUM)
+      from_logits=not softmax, reduction="sum")
 
 
 def _in_replica(fn):
