@@ -34,11 +34,11 @@ class FrontEnd:
     return isinstance(obj, self.keras.Model)
 
 
-def _root(obj):
+def _root(cls):
   """"tf_keras" or "keras": the package of the first Keras class in the
-  MRO of `obj`'s type, or None."""
-  for cls in type(obj).__mro__:
-    root = cls.__module__.split(".")[0]
+  MRO of `cls`, or None."""
+  for c in cls.__mro__:
+    root = c.__module__.split(".")[0]
     if root in ("tf_keras", "keras"):
       return root
   return None
@@ -64,7 +64,12 @@ def of(obj) -> FrontEnd:
     ValueError: a Keras 3 object on another backend than TensorFlow, naming
       the backend and the fix.
   """
-  root = _root(obj)
+  return of_class(type(obj))
+
+
+def of_class(cls) -> FrontEnd:
+  """The front end of a Keras class (see `of`)."""
+  root = _root(cls)
   if root == "tf_keras":
     return keras2()
   if root == "keras":
@@ -72,10 +77,10 @@ def of(obj) -> FrontEnd:
     backend = keras.backend.backend()
     if backend != "tensorflow":
       raise ValueError(
-          f"{type(obj).__name__} is a Keras 3 object on the {backend!r} "
-          "backend; tfdpprune runs on TensorFlow. Fix: set the environment "
-          "variable KERAS_BACKEND=tensorflow before Keras is imported (or "
-          "set \"backend\": \"tensorflow\" in ~/.keras/keras.json)")
+          f"{cls.__name__} is a Keras 3 class on the {backend!r} backend; "
+          "tfdpprune runs on TensorFlow. Fix: set the environment variable "
+          "KERAS_BACKEND=tensorflow before Keras is imported (or set "
+          "\"backend\": \"tensorflow\" in ~/.keras/keras.json)")
     return keras3()
   raise TypeError(f"expected a Keras model or layer (tf_keras or Keras 3), "
-                  f"got {type(obj).__module__}.{type(obj).__name__}")
+                  f"got {cls.__module__}.{cls.__name__}")

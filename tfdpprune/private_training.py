@@ -75,16 +75,18 @@ class PrivateTraining:
   """What `make_private_with_epsilon` built, consistent by construction.
 
   Attributes:
-    model: the model prepared by `tdp.prune` (fast per-example gradients).
-    optimizer: the masked DP optimizer (sigma calibrated).
+    model: a Keras 2 model prepared by `tdp.prune` (fast per-example
+      gradients), or a Keras 3 private model (`tdp.make_private`).
+    optimizer: the masked DP optimizer (Keras 2, sigma calibrated), or the
+      Keras 3 optimizer of the private model.
     dataset: the Poisson-sampled training input.
     callback: the `PrivacyCallback` (epsilon in the logs; budget stop).
     noise_multiplier: the calibrated sigma.
     steps: optimizer steps of the whole run.
     epochs, steps_per_epoch: for `model.fit`.
   """
-  model: keras.Model
-  optimizer: keras.optimizers.legacy.Optimizer
+  model: object
+  optimizer: object
   dataset: tf.data.Dataset
   callback: PrivacyCallback
   noise_multiplier: float
@@ -93,12 +95,16 @@ class PrivateTraining:
   steps_per_epoch: int
 
   def compile(self, loss, **kwargs):
-    """`model.compile` with the DP optimizer (`loss` must be per-example:
-    `reduction=keras.losses.Reduction.NONE`)."""
+    """`model.compile` with the optimizer and a standard Keras loss (on
+    Keras 2 the DP optimizer gets it without reduction: one loss per
+    example)."""
+    if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
+      loss = type(loss).from_config({**loss.get_config(), "reduction": "none"})
     self.model.compile(optimizer=self.optimizer, loss=loss, **kwargs)
 
   def fit(self, callbacks=(), **kwargs):
     """`model.fit` on the Poisson input, with the privacy callback."""
+    kwargs.setdefault("shuffle", False)  # Poisson batches: nothing to shuffle
     return self.model.fit(self.dataset, epochs=self.epochs,
                           steps_per_epoch=self.steps_per_epoch,
                           callbacks=[self.callback, *callbacks], **kwargs)
@@ -159,8 +165,11 @@ def make_private_with_epsilon(
   """Calibrates sigma to `target_epsilon` and builds every DP piece.
 
   Args:
-    model: a built Sequential or functional Keras model (wrapped with
-      `tdp.prune`, which also applies `prune`).
+    model: a built Sequential or functional model, Keras 3 or Keras 2
+      (wrapped with `tdp.prune`, which also applies `prune`). A Keras 3
+      model becomes a private model (`tdp.make_private`) trained by a Keras
+      3 optimizer; a Keras 2 model keeps its layers and gets the masked DP
+      optimizer.
     x, y: the private training data (N = len(y)).
     target_epsilon: epsilon after `epochs` epochs, at `delta`.
     epochs: training length (steps = ceil(epochs * N / batch_size)).
@@ -177,11 +186,13 @@ def make_private_with_epsilon(
       every sampled example, their mean gradient clipped as one.
 
   Returns:
-    A `PrivateTraining`; call `.compile(loss)` then `.fit()`.
+    A `PrivateTraining`; call `.compile(loss)` (a standard Keras loss) then
+    `.fit()`.
   """
   n = len(y)
   if optimizer not in _OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} must be 'sgd' or 'adam'")
+  keras3 = frontends.of(model).name == "keras3"
   if not 0 < delta < 1.0 / n:
     raise ValueError(f"delta={delta!r} must be in (0, 1/N = {1.0 / n:.3g})")
   steps = accounting.steps_for(n, batch_size, epochs)
@@ -189,10 +200,20 @@ def make_private_with_epsilon(
       target_epsilon, n, batch_size, steps=steps, delta=delta,
       accountant=accountant)
   model = pruning.prune(model, prune, public_data=public_data)
-  opt = _OPTIMIZERS[optimizer](
-      l2_norm_clip, sigma, learning_rate=learning_rate,
-      expected_batch_size=batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmult, **optimizer_kwargs)
+  if keras3:
+    model = make_private(model, l2_norm_clip=l2_norm_clip,
+                         noise_multiplier=sigma, expected_batch_size=batch_size,
+                         noise_seed=noise_seed,
+                         augmentation_multiplicity=augmult)
+    keras_optimizers = frontends.of(model).keras.optimizers
+    opt = (keras_optimizers.SGD if optimizer == "sgd" else
+           keras_optimizers.Adam)(learning_rate=learning_rate,
+                                  **optimizer_kwargs)
+  else:
+    opt = _OPTIMIZERS[optimizer](
+        l2_norm_clip, sigma, learning_rate=learning_rate,
+        expected_batch_size=batch_size, noise_seed=noise_seed,
+        augmentation_multiplicity=augmult, **optimizer_kwargs)
   dataset = poisson_dataset(x, y, batch_size, steps=steps, seed=noise_seed,
                             augmult=augmult)
   callback = PrivacyCallback(n, batch_size, sigma, delta=delta,

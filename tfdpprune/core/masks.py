@@ -214,6 +214,11 @@ def unit_masks(config: PruneConfig, unit_scores, layer_variables):
 # -- selection (select mode) --------------------------------------------------
 
 
+def _assign(var, value):
+  """Assigns a mask variable of either Keras (through its `tf.Variable`)."""
+  return variables_lib.underlying(var).assign(value, read_value=False)
+
+
 class Selector:
   """Re-draws the select masks of some wrappers every k optimizer steps.
 
@@ -249,7 +254,7 @@ class Selector:
 
   def redraw(self, step):
     step = tf.cast(step, tf.int64)
-    return tf.group(*[v.assign(m, read_value=False) for v, m in zip(
+    return tf.group(*[_assign(v, m) for v, m in zip(
         self._mask_variables(), self._draw(step))])
 
   def update(self, step):
@@ -268,7 +273,7 @@ class Selector:
     variables = self._mask_variables()
     values = tf.cond(redraw, lambda: self._draw(step),
                      lambda: [tf.identity(v) for v in variables])
-    return tf.group(*[v.assign(m, read_value=False)
+    return tf.group(*[_assign(v, m)
                       for v, m in zip(variables, values)])
 
 

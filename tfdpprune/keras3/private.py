@@ -1,311 +1,49 @@
-"""`make_private`: DP-SGD as the train step of a Keras 3 model.
-
-A Keras 3 optimizer never sees the loss, so DP lives in the model:
-`make_private(model, ...)` returns a `PrivateModel` whose `fit`,
-`train_on_batch` and `evaluate` work as usual, and whose train step is one
-masked DP-SGD step (`tfdpprune.core.dp_step`): per-example losses from the
-compiled (standard) Keras loss, per-example gradients of the selected
-coordinates clipped jointly to C, summed, Gaussian noise sigma*C added once
-on the selected coordinates, divided by `expected_batch_size`, and applied
-with the compiled optimizer (any Keras 3 optimizer), unselected coordinates
-and their optimizer state kept still (`optimizers.masked_apply`).
-
-```python
-import keras
-import tfdpprune as tdp
-private = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1,
-                           expected_batch_size=256)
-private.compile(optimizer=keras.optimizers.Adam(1e-3),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True), metrics=["accuracy"])
-batches = tdp.poisson_dataset(x, y, batch_size=256, epochs=10)
-private.fit(batches, callbacks=[tdp.PrivacyCallback(
-    len(x), 256, 1.1, dataset=batches)])
-```
-
-State: the DP step count (`iterations`) and the masks are variables of the
-model, so `.keras` files and `tf.train.Checkpoint` carry them; the
-mechanism's parameters are in its config. The noise key is drawn from OS
-entropy when the model is built or loaded (or from `noise_seed`) and held
-outside Keras' tracking: no checkpoint or `.keras` file holds it.
-"""
+"""The Keras 3 private model (`tdp.make_private` on a Keras 3 model)."""
 
 from typing import Optional
 
-from absl import logging
-
 from tfdpprune import frontends
-from tfdpprune import pruning
-from tfdpprune.core import dp_step
-from tfdpprune.core import mechanism as mechanism_lib
-from tfdpprune.core import randomness
-from tfdpprune.core import validation
-from tfdpprune.core import variables as variables_lib
-from tfdpprune.keras3 import optimizers
+from tfdpprune import private_model
+from tfdpprune.keras3 import masked_update
 from tfdpprune.keras3.compat import keras
-from tfdpprune.keras3.compat import tf
-
-
-class _Secret:
-  """Holds the noise key's variable out of Keras' and TensorFlow's
-  tracking (a plain object: neither tracks what it holds)."""
-
-  def __init__(self, variable):
-    self.variable = variable
-
-
-def _check_int(name, value, low):
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 @keras.saving.register_keras_serializable(package="tfdpprune")
-class PrivateModel(keras.Model):
-  """A Keras 3 model whose train step is masked DP-SGD (see the module).
+class PrivateModel(private_model.PrivateModelMixin, keras.Model):
+  """A Keras 3 model whose train step is masked DP-SGD
+  (`tfdpprune.private_model`)."""
 
-  Args:
-    model: the (wrapped, `tdp.prune`) model; its layers and variables are
-      this model's.
-    l2_norm_clip: C > 0.
-    noise_multiplier: sigma >= 0.
-    expected_batch_size: B > 0, the denominator of every step (Poisson
-      batches vary in size; their realized size is private).
-    noise_seed: None (secret noise) or an integer (reproducible, public
-      noise: experiments only; then part of the config).
-    augmentation_multiplicity: K >= 1 rows per example (De et al. 2022).
-    iterations: the initial DP step count (restored from a `.keras` file).
-  """
-
-  _warned_fallback = False
-
-  def __init__(self, model, *, l2_norm_clip: float, noise_multiplier: float,
-               expected_batch_size: float, noise_seed: Optional[int] = None,
-               augmentation_multiplicity: int = 1, iterations: int = 0,
-               **kwargs):
-    kwargs.setdefault("name", f"private_{model.name}")
-    super().__init__(**kwargs)
-    if expected_batch_size is None:
-      raise ValueError(
-          "expected_batch_size=None: the DP step divides by the expected "
-          "batch size B (the realized size of a Poisson batch is private); "
-          "give B = the batch_size of tdp.poisson_dataset")
-    _check_int("augmentation_multiplicity", augmentation_multiplicity, 1)
-    _check_int("iterations", iterations, 0)
-    if noise_seed is not None:
-      _check_int("noise_seed", noise_seed, -2**63)
-    object.__setattr__(self, "_mechanism", mechanism_lib.Mechanism(
-        float(l2_norm_clip), float(noise_multiplier),
-        float(expected_batch_size)))
-    object.__setattr__(self, "_noise_seed", noise_seed)
-    object.__setattr__(self, "_augmentation_multiplicity",
-                       int(augmentation_multiplicity))
-    self.model = model
-    self._iterations = self.add_weight(
+  def _step_counter(self, initial):
+    return self.add_weight(
         name="dp_iterations", shape=(), dtype="int64",
-        initializer=keras.initializers.Constant(int(iterations)),
-        trainable=False, aggregation="only_first_replica")
-    with tf.init_scope():
-      object.__setattr__(self, "_secret", _Secret(tf.Variable(
-          randomness.private_key(randomness.NOISE, noise_seed),
-          dtype=tf.int64, trainable=False, name="noise_key")))
+        initializer=keras.initializers.Constant(initial), trainable=False,
+        aggregation="only_first_replica")
 
-  # -- the mechanism's public parameters ----------------------------------------
+  def _check_optimizer(self):
+    masked_update.check(self.optimizer)
+    if not self.optimizer.built:
+      self.optimizer.build(self.model.trainable_variables)
 
-  @property
-  def l2_norm_clip(self) -> float:
-    return self._mechanism.l2_norm_clip
+  def _slots(self, var):
+    return masked_update.slots(self.optimizer, var)
 
-  @property
-  def noise_multiplier(self) -> float:
-    return self._mechanism.noise_multiplier
+  def _apply(self, grads, variables):
+    self.optimizer.apply(grads, variables)
 
-  @property
-  def expected_batch_size(self) -> float:
-    return self._mechanism.expected_batch_size
-
-  @property
-  def augmentation_multiplicity(self) -> int:
-    return self._augmentation_multiplicity
-
-  @property
-  def noise_seed(self) -> Optional[int]:
-    return self._noise_seed
-
-  @property
-  def iterations(self):
-    """The number of DP steps taken (a variable: saved and restored)."""
-    return self._iterations
-
-  @property
-  def private_model_of(self):
-    """The wrapped model inside (what `tdp.strip` strips)."""
-    return self.model
-
-  # -- Keras ----------------------------------------------------------------
-
-  def call(self, inputs, training=None):
-    return self.model(inputs, training=training)
-
-  def _per_example_losses(self, y, y_pred, sample_weight):
-    """`[rows]` per-example losses of the compiled loss, unreduced."""
-    loss = self.loss
-    if isinstance(loss, (list, tuple, dict)):
-      raise ValueError(
-          "PrivateModel supports one loss on one output; got "
-          f"{type(loss).__name__} of losses. Combine them in one loss "
-          "function of the outputs.")
-    if isinstance(loss, str):
-      loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-      values = loss.call(y, y_pred)
-    else:
-      values = loss(y, y_pred)
-    values = tf.convert_to_tensor(values)
-    if values.shape.rank == 0:
-      raise ValueError(
-          f"the loss {loss!r} returns one value for the batch, but DP-SGD "
-          "needs one loss per example: use a keras.losses.Loss or a loss "
-          "function of (y_true, y_pred) that returns per-example values")
-    if values.shape.rank > 1:
-      values = tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]),
-                              axis=1)
-    if sample_weight is not None:
-      values = values * tf.cast(tf.reshape(sample_weight, [-1]),
-                                values.dtype)
-    return values
-
-  def _per_example_fallback(self, x, y, sample_weight):
-    """Per-row gradients of the whole model when its layers cannot be
-    wrapped (a subclassed model): each example's gradient through a batch of
-    two copies of it with weights (1, 0), vectorized over examples. (A
-    batch of one would make pfor emit size-1 batch-matmuls, which crash or
-    err on CPU with oneDNN; the pair is exact.)"""
-    k = self._augmentation_multiplicity
-
-    def fallback(tape, loss_rows, variables):
-      del tape, loss_rows
-      weights = sample_weight
-
-      def one(example):
-        xi, yi, wi = example
-        pair = lambda t: tf.stack([t, t])
-        xs, ys = tf.nest.map_structure(pair, xi), tf.nest.map_structure(
-            pair, yi)
-        with tf.GradientTape() as tape:
-          rows = self._per_example_losses(
-              ys, self.model(xs, training=True), None)
-          value = rows[0] * tf.cast(wi, rows.dtype) / k
-        return tape.gradient(
-            value, variables,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-      batch = tf.shape(tf.nest.flatten(x)[0])[0]
-      w = (tf.ones([batch]) if weights is None else
-           tf.reshape(tf.cast(weights, tf.float32), [-1]))
-      return tf.vectorized_map(one, (x, y, w))
-    return fallback
-
-  def _warn_fallback(self, why):
-    if not type(self)._warned_fallback:
-      type(self)._warned_fallback = True
-      logging.warning(
-          "tdp.make_private: the whole-model per-example fallback computes "
-          "the per-example gradients (correct, but about B times slower than "
-          "the fast path) because %s.", why)
-
-  def train_step(self, data):
-    if self.loss is None:
-      raise ValueError("compile the private model with a loss: DP-SGD clips "
-                       "the gradient of each example's loss")
-    optimizers.check_optimizer(self.optimizer)
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = self.model.trainable_variables
-    with tf.GradientTape() as tape:
-      y_pred = self.model(x, training=True)
-      rows = self._per_example_losses(y, y_pred, sample_weight)
-    if not tf.executing_eagerly():
-      validation.check_graph(rows.graph, "tdp.make_private")
-    dp_step.redraw_selections(variables, self._iterations)
-    specs = {variables_lib.key(v): dp_step.wrapper_mask_spec(v)
-             for v in variables}
-    grads = dp_step.dp_gradients(
-        tape, rows, variables, specs, self._mechanism,
-        noise_key=self._secret.variable, step=self._iterations,
-        augmentation_multiplicity=self._augmentation_multiplicity,
-        fallback=self._per_example_fallback(x, y, sample_weight),
-        on_fallback=self._warn_fallback)
-    keys = [variables_lib.key(v) for v in variables]
-    optimizers.masked_apply(
-        self.optimizer, grads, variables,
-        [None if specs[k][0] is None else specs[k][0].value for k in keys],
-        [specs[k][1] for k in keys])
-    self._iterations.assign_add(1)
-    self._loss_tracker.update_state(tf.reduce_mean(rows))
+  def _track_loss(self, x, y, y_pred, sample_weight, rows):
+    self._loss_tracker.update_state(
+        keras.ops.mean(rows), sample_weight=keras.ops.shape(rows)[0])
     return self.compute_metrics(x, y, y_pred, sample_weight)
-
-  def get_config(self):
-    """The mechanism's parameters and the step count; never the key
-    (`noise_seed` only if the user gave one)."""
-    config = {
-        "name": self.name,
-        "model": keras.saving.serialize_keras_object(self.model),
-        "l2_norm_clip": self.l2_norm_clip,
-        "noise_multiplier": self.noise_multiplier,
-        "expected_batch_size": self.expected_batch_size,
-        "augmentation_multiplicity": self._augmentation_multiplicity,
-        "iterations": int(self._iterations.numpy()),
-    }
-    if self._noise_seed is not None:
-      config["noise_seed"] = self._noise_seed
-    return config
-
-  @classmethod
-  def from_config(cls, config, custom_objects=None):
-    config = dict(config)
-    model = keras.saving.deserialize_keras_object(
-        config.pop("model"), custom_objects=custom_objects)
-    return cls(model, **config)
 
 
 def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
                  expected_batch_size: float, noise_seed: Optional[int] = None,
                  augmentation_multiplicity: int = 1) -> PrivateModel:
-  """A Keras 3 model whose `fit` steps are masked DP-SGD steps.
-
-  Args:
-    model: a built Keras 3 model (TensorFlow backend). Sequential and
-      functional models are wrapped layer by layer (`tdp.prune`, unless they
-      already are; masks from `tdp.prune(model, PruneConfig(...))` are
-      kept); a subclassed model trains through the slower whole-model
-      per-example fallback.
-    l2_norm_clip: C, the joint per-example clip of the selected coordinates.
-    noise_multiplier: sigma; the noise std on each selected coordinate of the
-      summed gradient is sigma * C.
-    expected_batch_size: B, the Poisson batch size the step divides by.
-    noise_seed: None (secret noise, the default) or a seed (experiments).
-    augmentation_multiplicity: K: each example comes as K consecutive rows
-      whose mean gradient is clipped as one (`tdp.poisson_dataset(...,
-      augmult=K)`).
-
-  Returns:
-    A `PrivateModel`; compile it with any Keras 3 optimizer and a standard
-    Keras loss.
-
-  Raises:
-    ValueError: an argument out of range, a model whose per-example
-      gradients are undefined (BatchNormalization, ...), or a model on
-      another Keras backend (naming the fix).
-  """
+  """`tdp.make_private` for a Keras 3 model (see there)."""
   if frontends.of(model).name != "keras3":
-    raise TypeError("tfdpprune.keras3.make_private takes a Keras 3 model; "
-                    "tdp.make_private dispatches on the model's Keras")
-  if isinstance(model, PrivateModel):
-    raise ValueError(f"model {model.name!r} is already private")
-  validation.validate(model, strict=True)
-  fe = frontends.of(model)
-  if fe.is_graph_model(model) and not pruning.wrappers(model):
-    model = pruning.wrap(model)
-  return PrivateModel(
-      model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+    raise TypeError(f"{type(model).__name__} is not a Keras 3 model")
+  return private_model.make_private(
+      PrivateModel, model, l2_norm_clip=l2_norm_clip,
+      noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
       augmentation_multiplicity=augmentation_multiplicity)

@@ -209,13 +209,23 @@ class Conv1DSampler(_KernelBiasSampler):
     return flatten_positions(patches), None
 
 
+def depthwise_role(layer):
+  """`(role, variable)` of a depthwise kernel: `depthwise_kernel` in
+  `tf_keras` (and both Kerases' SeparableConv2D), `kernel` in Keras 3's
+  DepthwiseConv2D."""
+  if getattr(layer, "depthwise_kernel", None) is not None:
+    return "depthwise_kernel", layer.depthwise_kernel
+  return "kernel", layer.kernel
+
+
 class DepthwiseConv2DSampler(Sampler):
   """DepthwiseConv2D: `g_i[k, c, m] = sum_t P_i[t, k, c] delta_i[t, c, m]`."""
 
   name = "depthwise conv: patches einsum"
 
   def roles(self, layer):
-    out = {"depthwise_kernel": layer.depthwise_kernel}
+    role, kernel = depthwise_role(layer)
+    out = {role: kernel}
     if layer.use_bias and layer.bias is not None:
       out["bias"] = layer.bias
     return out
@@ -228,12 +238,13 @@ class DepthwiseConv2DSampler(Sampler):
     return outputs, inputs, z
 
   def per_example(self, layer, captures, masks):
-    _, _, cin, mult = layer.depthwise_kernel.shape
+    role, kernel = depthwise_role(layer)
+    _, _, cin, mult = kernel.shape
     pairs = [(c.inputs, d) for c, d in captures]
     results = {}
-    if "depthwise_kernel" in masks:
-      results["depthwise_kernel"] = materialized_engine(
-          depthwise_kernel_grads(layer, pairs), masks["depthwise_kernel"])
+    if role in masks:
+      results[role] = materialized_engine(
+          depthwise_kernel_grads(layer, pairs), masks[role])
     if "bias" in masks:
       d = tf.concat([tf.reshape(dl, [tf.shape(dl)[0], -1, cin * mult])
                      for _, dl in pairs], axis=1)
@@ -246,13 +257,14 @@ def depthwise_kernel_grads(layer, pairs):
   """`[B, kh, kw, Cin, M]` per-example depthwise kernels from `(x, delta)`
   calls of a layer with `depthwise_kernel`, strides, dilation and padding
   (`delta`: `[B, H', W', Cin * M]`)."""
-  kh, kw, cin, mult = layer.depthwise_kernel.shape
+  _, kernel = depthwise_role(layer)
+  kh, kw, cin, mult = kernel.shape
   sh, sw = layer.strides
   dh, dw = layer.dilation_rate
   a_parts, d_parts = [], []
   for x, delta in pairs:
     patches = tf.image.extract_patches(
-        tf.cast(x, layer.depthwise_kernel.dtype), sizes=[1, kh, kw, 1],
+        tf.cast(x, kernel.dtype), sizes=[1, kh, kw, 1],
         strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
         padding=layer.padding.upper())
     b = tf.shape(patches)[0]
