@@ -188,3 +188,33 @@ def test_tempered_sigmoid_cnn_group_norm_option_uses_dp_friendly_layers():
   assert samplers == {"conv2d", "normalization", "dense"}
   with pytest.raises(ValueError, match="norm"):
     models.get_model("tempered_sigmoid_cnn", (28, 28, 1), 10, norm="batch")
+
+
+_SHAPES = {"wide_resnet": (8, 8, 3), "wrn16_4": (8, 8, 3),
+           "resnet_small": (8, 8, 3)}
+
+
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("name", models.available_models())
+def test_every_model_takes_a_dp_step_on_both_kerases(name, version):
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  import tfdpprune as tdp  # pylint: disable=g-import-not-at-top
+  module = keras3 if version == 3 else keras
+  shape = _SHAPES.get(name, (8, 8, 1))
+  model = models.get_model(name, shape, 4, keras=module)
+  assert type(model).__module__.split(".")[0] == module.__name__
+  private = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.0,
+                             expected_batch_size=4)
+  private.compile(optimizer=module.optimizers.SGD(0.1),
+                  loss=module.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  rng = np.random.default_rng(0)
+  before = [v.numpy().copy() for v in model.trainable_variables]
+  private.train_on_batch(rng.normal(size=(4,) + shape).astype("float32"),
+                         np.arange(4))
+  assert int(private.iterations.numpy()) == 1
+  assert all(np.any(v.numpy() != b) for v, b in
+             zip(model.trainable_variables, before))
+  # Every weight has a dedicated (fast) sampler, in either Keras.
+  assert not any(s.startswith(("generic", "NOT")) for _, _, s in
+                 tdp.pruning.report(private.model))

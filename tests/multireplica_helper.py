@@ -128,6 +128,68 @@ def poisson_counts(strategy, n=60, q=0.3, steps=300):
   return counts.tolist()
 
 
+def keras3_noise_ratio(strategy):
+  """The noise of one global step of a Keras 3 private model's `fit`."""
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  with strategy.scope():
+    model = keras3.Sequential([keras3.Input((50,)),
+                               keras3.layers.Dense(400, use_bias=False)])
+    private = tdp.make_private(model, l2_norm_clip=CLIP,
+                               noise_multiplier=SIGMA,
+                               expected_batch_size=BATCH)
+    private.compile(optimizer=keras3.optimizers.SGD(1.0),
+                    loss=keras3.losses.MeanSquaredError())
+  before = model.trainable_variables[0].numpy().copy()
+  private.fit(np.zeros((BATCH, 50), np.float32),
+              np.zeros((BATCH, 400), np.float32), batch_size=BATCH,
+              epochs=1, verbose=0, shuffle=False)
+  moved = model.trainable_variables[0].numpy() - before
+  return float(moved.std() * BATCH / (SIGMA * CLIP))
+
+
+def keras3_masked_difference(strategy):
+  """A noiseless masked Keras 3 step with Adam on two replicas vs one: the
+  largest difference, whether the replicas' copies agree, and whether the
+  frozen coordinates stayed."""
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(BATCH, 6)).astype(np.float32)
+  y = rng.integers(0, 3, BATCH).astype(np.int32)
+  config = tdp.PruneConfig(mode="freeze", sparsity=0.5, weights="all")
+
+  def build():
+    keras3.utils.set_random_seed(3)
+    model = tdp.prune(keras3.Sequential([
+        keras3.Input((6,)), keras3.layers.Dense(5, activation="tanh"),
+        keras3.layers.Dense(3)]), config)
+    private = tdp.make_private(model, l2_norm_clip=0.1, noise_multiplier=0.0,
+                               expected_batch_size=BATCH)
+    private.compile(optimizer=keras3.optimizers.Adam(0.1),
+                    loss=keras3.losses.SparseCategoricalCrossentropy(
+                        from_logits=True))
+    return private
+
+  reference = build()
+  start = [v.numpy() for v in reference.trainable_variables]
+  reference.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False)
+  with strategy.scope():
+    private = build()
+  private.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False)
+  diff = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(
+      private.trainable_variables, reference.trainable_variables))
+  copies = max(float(np.max(np.abs(
+      strategy.experimental_local_results(v.value)[0].numpy() -
+      strategy.experimental_local_results(v.value)[1].numpy())))
+               for v in private.trainable_variables)
+  index = {id(v): i for i, v in enumerate(private.trainable_variables)}
+  frozen = all(
+      bool(np.all(var.numpy()[w.mask(role).numpy() == 0] ==
+                  start[index[id(var)]][w.mask(role).numpy() == 0]))
+      for w in tdp.pruning.wrappers(private)
+      for role, var in w.roles().items())
+  return diff, copies, frozen
+
+
 def main(mode, out):
   if mode == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -144,6 +206,9 @@ def main(mode, out):
   if mode == "mirrored":
     results["poisson_counts"] = poisson_counts(strategy)
     results["fit_noise_ratio"] = fit_noise_ratio(strategy)
+    results["keras3_noise_ratio"] = keras3_noise_ratio(strategy)
+    (results["keras3_max_abs_diff"], results["keras3_replica_copies_diff"],
+     results["keras3_frozen_kept"]) = keras3_masked_difference(strategy)
   if chief:
     with open(out, "w") as f:
       json.dump(results, f)

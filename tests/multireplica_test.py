@@ -47,6 +47,12 @@ def test_mirrored_two_replicas_noise_once_and_step_equals_single(tmp_path):
     results = json.load(f)
   _check_step(results)
   assert 0.95 < results["fit_noise_ratio"] < 1.05  # through model.fit too
+  # A Keras 3 private model under the same strategy: noise once, the masked
+  # Adam step equals one replica's, both replicas' copies agree.
+  assert 0.95 < results["keras3_noise_ratio"] < 1.05
+  assert results["keras3_max_abs_diff"] < 1e-5
+  assert results["keras3_replica_copies_diff"] == 0.0
+  assert results["keras3_frozen_kept"]
   # The global batch is a Poisson sample split across replicas: example i
   # is only ever on replica i mod 2, and joins each step with q = 0.3.
   counts = np.array(results["poisson_counts"])  # [replica, example], 300 steps

@@ -7,7 +7,7 @@ import pytest
 
 import tfdpprune as tdp
 from tfdpprune import per_example
-from tfdpprune._compat import dp_optimizer_keras  # noqa: F401
+from tfdpprune import per_example_generic
 from tfdpprune.keras2 import compat as keras2_compat
 from tfdpprune._compat import tf
 
@@ -698,3 +698,42 @@ def test_num_microbatches_counts_examples_with_augmult():
       1.0, 0.0, num_microbatches=3, augmentation_multiplicity=2,
       learning_rate=0.1), _xent())
   model.train_on_batch(x, y)  # 6 rows = 3 examples of 2 rows
+
+
+def test_layer_called_more_than_16_times_gets_its_full_gradient():
+  # 16 was once the number of calls kept per layer and trace.
+  def build():
+    keras.utils.set_random_seed(15)
+    inputs = keras.Input((4,))
+    shared, h = keras.layers.Dense(4, activation="tanh"), inputs
+    for _ in range(20):
+      h = shared(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+  rng = np.random.default_rng(3)
+  _fast_vs_fallback(build, rng.normal(size=(8, 4)).astype("float32"),
+                    rng.integers(0, 3, 8))
+
+
+class _TiedLogits(keras.layers.Layer):
+  """Logits from another layer's embedding matrix (a tied weight)."""
+
+  def __init__(self, embedding, **kwargs):
+    super().__init__(**kwargs)
+    self.embedding = embedding
+
+  def call(self, h):
+    return tf.einsum("btd,vd->btv", h, self.embedding.embeddings)[:, 0, :3]
+
+
+def test_tied_variable_gets_the_per_example_gradient_of_both_uses():
+  def build():
+    keras.utils.set_random_seed(16)
+    tokens = keras.Input((5,), dtype="int32")
+    embedding = keras.layers.Embedding(9, 4)
+    return keras.Model(tokens, _TiedLogits(embedding)(embedding(tokens)))
+  rng = np.random.default_rng(4)
+  x = rng.integers(0, 9, (8, 5)).astype("int32")
+  wrapped = tdp.prune(build())
+  samplers = {s for _, _, s in tdp.pruning.report(wrapped)}
+  assert samplers == {per_example_generic.GENERIC.name}  # both uses summed
+  _fast_vs_fallback(build, x, rng.integers(0, 3, 8), clip=0.05)

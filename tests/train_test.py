@@ -265,18 +265,21 @@ def test_default_runs_differ_and_noise_seed_runs_are_identical(tmp_path):
   assert _results(str(tmp_path / "a"))["private_randomness"] is True
 
 
+@pytest.mark.parametrize("version", [2, 3])
 def test_run_directory_holds_no_noise_or_sampling_key(tmp_path, drawn_keys,
-                                                      key_files_holding):
+                                                      key_files_holding,
+                                                      version):
   drawn = drawn_keys
   workdir = str(tmp_path / "run")
-  config = TrainConfig(steps=8, prune=PruneConfig(mode="select", sparsity=0.5))
+  config = TrainConfig(steps=8, keras=version,
+                       prune=PruneConfig(mode="select", sparsity=0.5))
   experiment.run(config, workdir, verbose=0)
   assert len(drawn) == 2  # noise and sampling, from OS entropy
   assert key_files_holding(workdir, drawn) == []
   assert not any(str(k) in train.default_workdir(config)
                  for key in drawn for k in key)
   # A resume draws fresh keys and writes none of them either.
-  experiment.run(TrainConfig(steps=16, prune=config.prune,
+  experiment.run(TrainConfig(steps=16, prune=config.prune, keras=version,
                              noise_multiplier=_results(workdir)[
                                  "noise_multiplier"]),
                  str(tmp_path / "other"), verbose=0)
@@ -632,3 +635,29 @@ def test_bad_inputs_are_clear_errors_not_tracebacks(tmp_path):
                "label 4", "--num_classes")
   assert _cli(f"--dataset={outside}", "--num_classes=5", *common,
               f"--workdir={tmp_path / 'd5'}").returncode == 0
+
+
+def test_keras3_path_has_keras2_epsilon_and_resumes(tmp_path):
+  common = dict(steps=22, noise_multiplier=1.0,
+                prune=PruneConfig(mode="select", sparsity=0.5))
+  k2 = experiment.run(TrainConfig(**common), str(tmp_path / "k2"), verbose=0)
+  workdir = str(tmp_path / "k3")
+  k3 = experiment.run(TrainConfig(keras=3, **common), workdir, verbose=0)
+  assert k3["epsilon"] == k2["epsilon"] and k3["steps"] == 22
+  assert k3["config"]["keras"] == 3 and "keras" in k3["versions"]
+  assert k3["density"]["overall"] == pytest.approx(k2["density"]["overall"])
+  again = experiment.run(TrainConfig(keras=3, **common), workdir, verbose=0)
+  assert again["resumed_from_step"] == 22
+  assert again["test_accuracy"] == k3["test_accuracy"]
+  # Another Keras on resume: a clear refusal, nothing trained over.
+  from tfdpprune import ledger  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ledger.ResumeRefused, match="keras"):
+    experiment.run(TrainConfig(keras=2, **common), workdir, verbose=0)
+
+
+def test_cli_keras3_trains_and_reports(tmp_path):
+  proc = _cli("--keras=3", "--steps=6", "--verbose=0",
+              f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "test accuracy" in proc.stdout
+  assert _results(str(tmp_path / "run"))["config"]["keras"] == 3

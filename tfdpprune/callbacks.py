@@ -358,7 +358,8 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
 
   def _weights_finite(self) -> bool:
     if self._finite is None:
-      variables = [v for v in self.model.variables if v.dtype.is_floating]
+      variables = [v for v in self.model.variables
+                   if tf.as_dtype(v.dtype).is_floating]
       self._finite = tf.function(lambda: tf.reduce_all(
           [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
     return bool(self._finite())

@@ -287,6 +287,7 @@ class TrainConfig:
   data_dir: Optional[str] = None
   num_classes: Optional[int] = None  # default: metadata, else the test set
   model: str = "mlp"
+  keras: int = 2
   model_width: int = 1
   model_norm: Optional[str] = None
   features: Optional[str] = None
@@ -356,6 +357,8 @@ class TrainConfig:
       fail("momentum", "must be in [0, 1)")
     if self.optimizer not in ("sgd", "adam"):
       fail("optimizer", "must be 'sgd' or 'adam'")
+    if self.keras not in (2, 3):
+      fail("keras", "must be 2 (tf_keras) or 3 (Keras 3, TensorFlow backend)")
     if not (isinstance(self.model_width, int) and self.model_width >= 1):
       fail("model_width", "must be an integer >= 1")
     if self.model_norm not in (None, "group"):

@@ -18,14 +18,15 @@ from absl import logging
 from tfdpprune import accounting
 from tfdpprune import callbacks as callbacks_lib
 from tfdpprune import checkpointing
+from tfdpprune import frontends
 from tfdpprune import data as data_lib
 from tfdpprune import ledger as ledger_lib
 from tfdpprune import masks as masks_lib
 from tfdpprune import randomness
 from tfdpprune import models as models_lib
+from tfdpprune import private_training
 from tfdpprune import pruning
 from tfdpprune import scattering
-from tfdpprune._compat import keras
 from tfdpprune._compat import tf
 from tfdpprune.config import TrainConfig
 from tfdpprune.optimizer import MaskedDPKerasAdamOptimizer
@@ -40,7 +41,7 @@ def _versions():
   import tfdpprune  # pylint: disable=g-import-not-at-top
   out = {"python": platform.python_version(), "tensorflow": tf.__version__,
          "tfdpprune": tfdpprune.__version__}
-  for pkg in ("tf-keras", "tensorflow-privacy", "dp-accounting"):
+  for pkg in ("keras", "tf-keras", "tensorflow-privacy", "dp-accounting"):
     try:
       out[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
@@ -216,20 +217,41 @@ def fit_epochs(config: TrainConfig, steps: int, q: float):
   return steps_per_epoch, int(math.ceil(steps / steps_per_epoch))
 
 
-def _loss():
-  return keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=keras.losses.Reduction.NONE)
+def keras_of(config: TrainConfig):
+  """The Keras module of `--keras` (`tf_keras` for 2, `keras` for 3)."""
+  return (frontends.keras3() if config.keras == 3 else
+          frontends.keras2()).keras
+
+
+def _loss(config: TrainConfig):
+  """Keras 2's DP optimizer takes one loss per example; Keras 3's private
+  model takes the standard loss and computes them itself."""
+  keras = keras_of(config)
+  if config.keras == 3:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    reduction="none")
+
+
+def _sgd(config: TrainConfig, learning_rate, momentum):
+  """Non-private SGD for public pre-training (Keras 2: its legacy class)."""
+  keras = keras_of(config)
+  optimizers = (keras.optimizers if config.keras == 3 else
+                keras.optimizers.legacy)
+  return optimizers.SGD(learning_rate, momentum=momentum)
 
 
 def build_model(config: TrainConfig, dataset, public):
-  """The model with masks (public data only), before any DP step."""
+  """The model with masks (public data only), before any DP step, in the
+  Keras of `--keras`."""
+  keras = keras_of(config)
   keras.utils.set_random_seed(config.seed)
   try:
     options = {"width": config.model_width} if config.model_width != 1 else {}
     if config.model_norm is not None:
       options["norm"] = config.model_norm
     model = models_lib.get_model(config.model, dataset.input_shape,
-                                 dataset.num_classes, **options)
+                                 dataset.num_classes, keras=keras, **options)
   except ValueError as e:
     raise _flag_error("model", config.model, e) from e
   except TypeError as e:
@@ -248,8 +270,7 @@ def build_model(config: TrainConfig, dataset, public):
       raise _flag_error("init_checkpoint", path,
                         f"cannot load into model {config.model!r}: {e}") from e
   if public is not None and config.public_pretrain_epochs:
-    model.compile(keras.optimizers.legacy.SGD(config.learning_rate * 0.1,
-                                              momentum=0.9),
+    model.compile(_sgd(config, config.learning_rate * 0.1, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(data_lib.shuffled_batches(*public, config.batch_size,
                                         seed=config.seed),
@@ -278,6 +299,7 @@ def learning_rate(config: TrainConfig, steps: int):
   """The learning rate or schedule: constant, or cosine decay to 0 over the
   run, after `lr_warmup_steps` of linear warm-up from lr / (W + 1) (every
   step, which costs privacy, moves the weights)."""
+  keras = keras_of(config)
   if config.lr_schedule == "constant" and not config.lr_warmup_steps:
     return config.learning_rate
   lr = config.learning_rate
@@ -293,7 +315,8 @@ def learning_rate(config: TrainConfig, steps: int):
 
 
 def make_optimizer(config: TrainConfig, sigma: float, steps: int = 1):
-  """The masked DP optimizer of `config.optimizer` (sgd: momentum; adam)."""
+  """The masked DP optimizer of `config.optimizer` (sgd: momentum; adam),
+  for Keras 2."""
   common = dict(learning_rate=learning_rate(config, steps),
                 expected_batch_size=config.batch_size,
                 noise_seed=config.noise_seed,
@@ -302,6 +325,28 @@ def make_optimizer(config: TrainConfig, sigma: float, steps: int = 1):
     return MaskedDPKerasAdamOptimizer(config.l2_norm_clip, sigma, **common)
   return MaskedDPKerasSGDOptimizer(config.l2_norm_clip, sigma,
                                    momentum=config.momentum, **common)
+
+
+def make_private(config: TrainConfig, model, sigma: float, steps: int = 1):
+  """`(trained model, optimizer, DP step object)` of the run.
+
+  Keras 2: the model itself, the masked DP optimizer, and the optimizer
+  (which runs the DP step). Keras 3: the private model of `tdp.make_private`
+  (the DP step is its train step), a Keras 3 SGD (momentum) or Adam, and the
+  private model. Both take the same mechanism (C, sigma, B, K, noise seed).
+  """
+  if config.keras == 2:
+    optimizer = make_optimizer(config, sigma, steps)
+    return model, optimizer, optimizer
+  keras = keras_of(config)
+  private = private_training.make_private(
+      model, l2_norm_clip=config.l2_norm_clip, noise_multiplier=sigma,
+      expected_batch_size=config.batch_size, noise_seed=config.noise_seed,
+      augmentation_multiplicity=config.augmult)
+  rate = learning_rate(config, steps)
+  optimizer = (keras.optimizers.Adam(rate) if config.optimizer == "adam" else
+               keras.optimizers.SGD(rate, momentum=config.momentum))
+  return private, optimizer, private
 
 
 def multi_worker_strategy():
@@ -430,20 +475,23 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
 
   # -- model & optimizer ----------------------------------------------------
   with strategy.scope():
-    model = build_model(config, dataset, public)
-    optimizer = make_optimizer(config, sigma, steps)
+    model, optimizer, dp = make_private(
+        config, build_model(config, dataset, public), sigma, steps)
     averaging = (callbacks_lib.WeightAveraging(config.ema_decay).build(model)
                  if config.ema_decay else None)
-    model.compile(optimizer, _loss(), metrics=["accuracy"])
+    model.compile(optimizer=optimizer, loss=_loss(config),
+                  metrics=["accuracy"])
+    if config.keras == 3:  # its slots exist before a restore fills them
+      optimizer.build(model.trainable_variables)
 
   # -- restore ----------------------------------------------------------------
   ledger = _run_ledger(config, dataset, sigma, q, store)
-  state = ledger_lib.LedgerState(ledger, optimizer.iterations)
+  state = ledger_lib.LedgerState(ledger, dp.iterations)
   parts = dict(model=model, optimizer=optimizer, ledger=state)
   if averaging is not None:
     parts["weight_average"] = averaging.state
   checkpoint = tf.train.Checkpoint(**parts)
-  start = store.start(checkpoint, optimizer.iterations, ledger,
+  start = store.start(checkpoint, dp.iterations, ledger,
                       mismatch=lambda: _config_changes(workdir, config))
   abandoned_steps = store.abandoned_steps
   for name, text in [(CONFIG, json.dumps(config.to_dict(), indent=2))] + (
@@ -499,7 +547,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     if saver.failure is None and terminate.requested:
       saver.save()
       logging.warning("SIGTERM: checkpointed at step %d; rerun to resume",
-                      int(optimizer.iterations.numpy()))
+                      int(dp.iterations.numpy()))
       return None
   if saver.failure is None:
     saver.save()
@@ -510,7 +558,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     raise callbacks_lib.NonFiniteLossError(saver.failure)
 
   # -- evaluate & save ----------------------------------------------------------
-  done = int(optimizer.iterations.numpy())
+  done = int(dp.iterations.numpy())
   last_loss, last_accuracy = model.evaluate(test, verbose=0)
   test_loss, test_accuracy = last_loss, last_accuracy
   if averaging is not None:

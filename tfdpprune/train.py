@@ -90,6 +90,11 @@ flags.DEFINE_integer("public_pretrain_epochs", _D.public_pretrain_epochs,
                      "Non-private pre-training epochs on the public data.")
 # -- model ----------------------------------------------------------------------
 flags.DEFINE_string("model", _D.model, "Model name from tfdpprune.models.")
+flags.DEFINE_enum("keras", str(_D.keras), ["2", "3"], "2: tf_keras with the "
+                  "masked DP optimizer (a TF Privacy subclass); 3: Keras 3 "
+                  "(TensorFlow backend) with the DP step in the model "
+                  "(tdp.make_private) and a Keras 3 optimizer. The same "
+                  "mechanism, so the same epsilon.")
 flags.DEFINE_integer("model_width", _D.model_width, "Channel / unit "
                      "multiplier of the model (tempered_sigmoid_cnn), e.g. 2 "
                      "or 4 for the study's wider networks.")
@@ -223,6 +228,7 @@ def config_from_flags() -> TrainConfig:
   return TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       num_classes=FLAGS.num_classes, model=FLAGS.model,
+      keras=int(FLAGS.keras),
       model_width=FLAGS.model_width, model_norm=FLAGS.model_norm,
       features=FLAGS.features,
       public_dataset=FLAGS.public_dataset,

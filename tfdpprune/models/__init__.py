@@ -13,14 +13,13 @@ models.check_dp_compatible(model)
 
 from typing import Callable, Dict, List
 
-from tfdpprune import validation
-from tfdpprune._compat import keras
+from tfdpprune.core import validation
 from tfdpprune.models import mlp as _mlp
 from tfdpprune.models import resnet as _resnet
 from tfdpprune.models import tempered_sigmoid_cnn as _tempered
 from tfdpprune.models import tutorial_cnn as _tutorial
 
-_REGISTRY: Dict[str, Callable[..., keras.Model]] = {}
+_REGISTRY: Dict[str, Callable[..., object]] = {}
 
 
 def register(name: str):
@@ -59,14 +58,16 @@ def available_models() -> List[str]:
   return sorted(_REGISTRY)
 
 
-def get_model(name: str, input_shape, num_classes: int, **kwargs
-              ) -> keras.Model:
+def get_model(name: str, input_shape, num_classes: int, *, keras=None,
+              **kwargs):
   """Builds the registered model `name` (uncompiled, logits output).
 
   Args:
     name: a name from `available_models()`.
     input_shape: shape of one example, e.g. `(28, 28, 1)`.
     num_classes: number of logits.
+    keras: the Keras module to build with: `tf_keras` (the default) or
+      Keras 3's `keras`; the same architecture and layer names in either.
     **kwargs: architecture options (see the builder's docstring).
 
   Returns:
@@ -78,10 +79,12 @@ def get_model(name: str, input_shape, num_classes: int, **kwargs
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; available: "
                      f"{', '.join(available_models())}")
+  if keras is not None:
+    kwargs["keras"] = keras
   return _REGISTRY[name](tuple(input_shape), int(num_classes), **kwargs)
 
 
-def check_dp_compatible(model: keras.Model) -> None:
+def check_dp_compatible(model) -> None:
   """Refuses models whose per-example gradients are undefined.
 
   `tfdpprune.validation.validate(model, strict=True)`: BatchNormalization in

@@ -3,13 +3,12 @@
 import math
 from typing import Optional, Sequence
 
-from tfdpprune._compat import keras
 from tfdpprune.models import _common
 
 
 def mlp(input_shape, num_classes: int, *, hidden: Sequence[int] = (256,),
         activation: str = "relu", norm: Optional[str] = None,
-        name: str = "mlp") -> keras.Model:
+        name: str = "mlp", keras=None):
   """Flatten -> Dense(hidden[0]) -> ... -> Dense(num_classes) logits.
 
   Args:
@@ -21,6 +20,7 @@ def mlp(input_shape, num_classes: int, *, hidden: Sequence[int] = (256,),
       (`[H, W, C]`, gcd(C, 27) groups: 27 for ScatterNet's 81 channels, as
       in Tramer & Boneh 2021), computed per example.
     name: the model's name.
+    keras: the Keras module to build with (default `tf_keras`).
 
   Returns:
     An uncompiled functional `keras.Model` named "mlp".
@@ -29,6 +29,7 @@ def mlp(input_shape, num_classes: int, *, hidden: Sequence[int] = (256,),
     >>> [l.name for l in mlp((8, 8, 1), 10).layers]
     ['input', 'flatten', 'dense1', 'logits']
   """
+  keras = _common.keras_module(keras)
   _common.check_num_classes(num_classes)
   if any(int(u) < 1 for u in hidden):
     raise ValueError(f"hidden widths must be >= 1, got {tuple(hidden)}")
@@ -51,8 +52,8 @@ def mlp(input_shape, num_classes: int, *, hidden: Sequence[int] = (256,),
   return keras.Model(inputs, logits, name=name)
 
 
-def linear(input_shape, num_classes: int, *, norm: Optional[str] = None
-           ) -> keras.Model:
+def linear(input_shape, num_classes: int, *, norm: Optional[str] = None,
+           keras=None):
   """A linear model: [GroupNorm ->] Flatten -> Dense(num_classes) logits.
 
   With `--features=scattering --model_norm=group` this is Tramer & Boneh's
@@ -62,4 +63,5 @@ def linear(input_shape, num_classes: int, *, norm: Optional[str] = None
     >>> [l.name for l in linear((7, 7, 81), 10, norm="group").layers]
     ['input', 'input_norm', 'flatten', 'logits']
   """
-  return mlp(input_shape, num_classes, hidden=(), norm=norm, name="linear")
+  return mlp(input_shape, num_classes, hidden=(), norm=norm, name="linear",
+             keras=keras)

@@ -1,11 +1,10 @@
 """The CNN of TF Privacy's MNIST DP-SGD tutorial."""
 
-from tfdpprune._compat import keras
 from tfdpprune.models import _common
 
 
 def tutorial_cnn(input_shape, num_classes: int, *,
-                 activation: str = "relu") -> keras.Model:
+                 activation: str = "relu", keras=None):
   """TF Privacy's MNIST tutorial CNN, producing logits.
 
   Conv2D(16, 8, strides=2, 'same') -> MaxPool2D(2, 1) -> Conv2D(32, 4,
@@ -18,6 +17,7 @@ def tutorial_cnn(input_shape, num_classes: int, *,
     input_shape: `(H, W, C)`.
     num_classes: number of logits.
     activation: hidden activation (the tutorial's is relu).
+    keras: the Keras module to build with (default `tf_keras`).
 
   Returns:
     An uncompiled functional `keras.Model` named "tutorial_cnn".
@@ -27,8 +27,9 @@ def tutorial_cnn(input_shape, num_classes: int, *,
     >>> model.output_shape
     (None, 10)
   """
+  keras = _common.keras_module(keras)
   _common.check_num_classes(num_classes)
-  inputs = _common.image_input(input_shape)
+  inputs = _common.image_input(input_shape, keras=keras)
   h = keras.layers.Conv2D(16, 8, strides=2, padding="same",
                           activation=activation, name="conv1")(inputs)
   h = keras.layers.MaxPool2D(2, 1, padding=_common.padding_for(h, 2),
