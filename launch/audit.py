@@ -2,6 +2,7 @@ r"""The README's audit table: empirical epsilon lower bounds vs the accountant.
 
   python -m launch.audit                       # ~2 min on 2 cores
   python -m launch.audit --sigmas=1 --steps=1 --trials=200
+  python -m launch.audit --keras=3             # the Keras 3 private model's step
 
 For every noise multiplier x steps x canary (selected / masked) it runs
 `tfdpprune.audit.audit_optimizer` (white-box Dirac gradient canary, the real
@@ -22,6 +23,8 @@ flags.DEFINE_integer("trials", 1000, "Trainings per world (D, D + canary).")
 flags.DEFINE_float("broken_sigma", 0.01, "A broken setting the audit must "
                    "catch (0 to skip).")
 flags.DEFINE_float("delta", 1e-5, "Delta of both figures.")
+flags.DEFINE_enum("keras", "2", ["2", "3"], "Audit the Keras 2 optimizer or "
+                  "the Keras 3 private model's train step.")
 FLAGS = flags.FLAGS
 
 
@@ -37,7 +40,8 @@ def main(argv):
   for sigma, steps, masked in settings:
     start = time.time()
     r = audit.audit_optimizer(sigma, steps=steps, trials=FLAGS.trials,
-                              masked_canary=masked, delta=FLAGS.delta)
+                              masked_canary=masked, delta=FLAGS.delta,
+                              keras_version=int(FLAGS.keras))
     print(f"| {sigma:g} | {steps} | {'masked' if masked else 'selected'} | "
           f"{r.epsilon_lower_bound:.2f} | {r.epsilon:.2f} | "
           f"{r.true_positive_rate:.3f} / {r.false_positive_rate:.3f} | "

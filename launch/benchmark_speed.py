@@ -8,6 +8,10 @@ Command (from the repo root; about 4 minutes on 2 CPU cores):
   python -m launch.benchmark_speed \
       --methods=sgd,tdp_nomask,tdp_random90,tdp_lastlayer
 
+  # model-set mode, ten everyday models (about 2 minutes per Keras):
+  python -m launch.benchmark_speed --models=all --batch_size=128 \
+      --steps=15 --warmup=2 --keras=2   # or --keras=3, --keras=both
+
 What is measured
   The TF Privacy tutorial CNN (Conv2D(16, 8, s2, same, relu) -> MaxPool(2, 1)
   -> Conv2D(32, 4, s2, valid, relu) -> MaxPool(2, 1) -> Flatten -> Dense(32,
@@ -55,6 +59,18 @@ What is measured
   "+RSS" is the increase of that high-water mark over its value just before
   the method's model and optimizer were built (TensorFlow and data loaded).
 
+Model-set mode (--models): the ten builders below (MODELS), each timed
+  like the above with two methods: "sgd" and the DP method of --keras, on
+  copies of one model built with that Keras (same architecture and weights
+  init either way). Keras 2 (tf_keras): sgd as above vs tdp_nomask. Keras 3:
+  sgd is the plain model compiled with keras.optimizers.SGD(0.1,
+  momentum=0.9) and SparseCategoricalCrossentropy(from_logits=True); the DP
+  method, tdp_private, is tdp.make_private(model, l2_norm_clip=1.0,
+  noise_multiplier=1.1, expected_batch_size=--batch_size) compiled with the
+  same optimizer and loss. One row per model: the DP step's ratio to sgd
+  (median [IQR]), both median step times, and the samplers of its wrapped
+  layers (tdp.pruning.report); no memory measurement.
+
 Targets (from the issue), step-time ratio to non-private SGD:
   (a) tdp_nomask <= 2.0x, (b) tdp_random90 <= 2.5x, (c) tdp_lastlayer <= 1.3x.
 
@@ -91,10 +107,18 @@ from absl import logging
 import numpy as np
 
 import tfdpprune as tdp
-from tfdpprune._compat import dp_optimizer_keras
-from tfdpprune._compat import dp_optimizer_keras_vectorized
+from tfdpprune import frontends
+from tfdpprune._compat import DPKerasSGDOptimizer
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
+# After tfdpprune, which skips TF Privacy's estimator imports (TF >= 2.16).
+from tensorflow_privacy.privacy.optimizers import (
+    dp_optimizer_keras_vectorized)
+
+# TF Privacy's module-level classes are made from `tf.keras` (Keras 3).
+VectorizedDPKerasSGDOptimizer = (
+    dp_optimizer_keras_vectorized.make_vectorized_keras_optimizer_class(
+        keras.optimizers.legacy.SGD))
 
 ALL_METHODS = ("sgd", "tfp_dpsgd", "tfp_vectorized", "tdp_nomask",
                "tdp_random90", "tdp_lastlayer", "tdp_freeze_layer90",
@@ -127,12 +151,16 @@ flags.DEFINE_string("mnist_dir", "/work/shared/data/mnist", "Directory with "
 flags.DEFINE_integer("seed", 0, "Seed of the weights, masks, data and order.")
 flags.DEFINE_string("output_json", None, "Write the results here.")
 flags.DEFINE_list("models", None, "Model-set mode: benchmark sgd vs "
-                  "tdp_nomask (tdp.prune + the DP optimizer, no masks) on "
+                  "the DP method of --keras on "
                   "each of these models instead, one table row per model "
                   "(use --batch_size=128). Known: tutorial_cnn, "
                   "keras_io_convnet, embedding_pooling, embedding_conv1d, "
                   "resnet_groupnorm_block, bilstm_text, transformer_block, "
                   "gru_text, separable_convnet, conv3d_net, or 'all'.")
+flags.DEFINE_enum("keras", "2", ["2", "3", "both"], "Model-set mode: the "
+                  "Keras of the models: 2 (tf_keras; DP: tdp.prune + the DP "
+                  "optimizer), 3 (Keras 3; DP: tdp.make_private) or both (a "
+                  "table each).")
 
 
 # -- data and model -----------------------------------------------------------
@@ -155,7 +183,7 @@ def load_batch(batch_size, mnist_dir, seed):
           rng.integers(0, 10, size=batch_size).astype(np.int32), "random")
 
 
-def tutorial_cnn(seed):
+def tutorial_cnn(keras, seed):
   """The TF Privacy tutorial CNN for MNIST."""
   keras.utils.set_random_seed(seed)
   return keras.Sequential([
@@ -171,11 +199,11 @@ def tutorial_cnn(seed):
       keras.layers.Dense(10)])
 
 
-def _text_input(length):
+def _text_input(keras, length):
   return keras.Input((length,), dtype="int32")
 
 
-def keras_io_convnet(seed):
+def keras_io_convnet(keras, seed):
   """keras.io "Simple MNIST convnet" (Dropout included)."""
   keras.utils.set_random_seed(seed)
   return keras.Sequential([
@@ -186,27 +214,28 @@ def keras_io_convnet(seed):
       keras.layers.Dense(10)])
 
 
-def _text_model(seed, *body, dim=64, vocab=20000, length=200):
+def _text_model(keras, seed, *body, dim=64, vocab=20000, length=200):
   """Tokens -> Embedding(vocab, dim) -> `body` layers -> Dense(2) logits."""
   keras.utils.set_random_seed(seed)
-  inputs = _text_input(length)
+  inputs = _text_input(keras, length)
   h = keras.layers.Embedding(vocab, dim)(inputs)
   for layer in body:
     h = layer(h)
   return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def embedding_pooling(seed):
-  return _text_model(seed, keras.layers.GlobalAveragePooling1D(),
+def embedding_pooling(keras, seed):
+  return _text_model(keras, seed, keras.layers.GlobalAveragePooling1D(),
                      keras.layers.Dense(64, activation="relu"))
 
 
-def embedding_conv1d(seed):
-  return _text_model(seed, keras.layers.Conv1D(64, 5, activation="relu"),
+def embedding_conv1d(keras, seed):
+  return _text_model(keras, seed,
+                     keras.layers.Conv1D(64, 5, activation="relu"),
                      keras.layers.GlobalMaxPooling1D())
 
 
-def resnet_groupnorm_block(seed):
+def resnet_groupnorm_block(keras, seed):
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((32, 32, 3))
   h = keras.layers.Conv2D(32, 3, padding="same")(inputs)
@@ -220,21 +249,21 @@ def resnet_groupnorm_block(seed):
   return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
-def bilstm_text(seed):
+def bilstm_text(keras, seed):
   """keras.io "Bidirectional LSTM on IMDB": two Bidirectional(LSTM(64))."""
   return _text_model(
-      seed, keras.layers.Bidirectional(keras.layers.LSTM(
+      keras, seed, keras.layers.Bidirectional(keras.layers.LSTM(
           64, return_sequences=True)),
       keras.layers.Bidirectional(keras.layers.LSTM(64)), dim=128)
 
 
-def transformer_block(seed, vocab=20000, length=200, dim=32, heads=2):
+def transformer_block(keras, seed, vocab=20000, length=200, dim=32, heads=2):
   """keras.io "Text classification with Transformer": token + position
   embeddings, MultiHeadAttention, LayerNormalization, feed-forward. Position
   ids are broadcast to the batch (batch-major) so the position embedding has
   per-example gradients on the fast path."""
   keras.utils.set_random_seed(seed)
-  inputs = _text_input(length)
+  inputs = _text_input(keras, length)
   positions = keras.layers.Lambda(lambda t: tf.broadcast_to(
       tf.range(tf.shape(t)[1])[tf.newaxis], tf.shape(t)))(inputs)
   h = keras.layers.Add()([keras.layers.Embedding(vocab, dim)(inputs),
@@ -251,11 +280,11 @@ def transformer_block(seed, vocab=20000, length=200, dim=32, heads=2):
   return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def gru_text(seed):
-  return _text_model(seed, keras.layers.GRU(64))
+def gru_text(keras, seed):
+  return _text_model(keras, seed, keras.layers.GRU(64))
 
 
-def separable_convnet(seed):
+def separable_convnet(keras, seed):
   """SeparableConv2D and Conv2DTranspose: layers on the generic sampler."""
   keras.utils.set_random_seed(seed)
   return keras.Sequential([
@@ -265,7 +294,7 @@ def separable_convnet(seed):
       keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
 
 
-def conv3d_net(seed):
+def conv3d_net(keras, seed):
   """Conv3D on 16^3 volumes (the generic per-layer sampler)."""
   keras.utils.set_random_seed(seed)
   return keras.Sequential([
@@ -289,6 +318,8 @@ MODELS = {
 }
 MODEL_TARGETS = {"bilstm_text": 4.0, "transformer_block": 2.5}
 MODEL_SET_TARGET = 4.0
+# The DP method of model-set mode per Keras (see build_method).
+MODEL_SET_DP = {"2": "tdp_nomask", "3": "tdp_private"}
 
 
 def model_batch(kind, batch_size, seed):
@@ -306,15 +337,32 @@ def model_batch(kind, batch_size, seed):
           rng.integers(0, 10, size=batch_size).astype(np.int32))
 
 
+def keras_module(version):
+  """`tf_keras` (version "2") or Keras 3 ("3", on the TensorFlow backend)."""
+  if version == "2":
+    return keras
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  return keras3
+
+
 def _copy(base):
-  model = keras.models.clone_model(base)
+  """A copy of `base`, same weights; Lambda layers (stateless) are shared, as
+  Keras 3 refuses to rebuild a Python lambda."""
+  keras_ = frontends.of(base).keras
+  model = keras_.models.clone_model(base, clone_function=lambda layer: (
+      layer if isinstance(layer, keras_.layers.Lambda) else
+      layer.__class__.from_config(layer.get_config())))
   model.set_weights(base.get_weights())
   return model
 
 
+def _xent(keras_, **kwargs):
+  return keras_.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                     **kwargs)
+
+
 def _per_example_xent():
-  return keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=keras.losses.Reduction.NONE)
+  return _xent(keras, reduction=keras.losses.Reduction.NONE)
 
 
 def _inner(layer):
@@ -350,18 +398,27 @@ def _ours(**kwargs):
 
 
 def build_method(name, base, seed):
-  """A compiled model of method `name`, on a copy of `base`."""
+  """A compiled model of method `name`, on a copy of `base` (a Keras 3
+  `base`: sgd or tdp_private)."""
   model = _copy(base)
+  front_end = frontends.of(base)
+  if front_end.name == "keras3":
+    if name == "tdp_private":
+      model = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1,
+                               expected_batch_size=_FLAGS.batch_size)
+    model.compile(optimizer=front_end.keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=_xent(front_end.keras))
+    return model
   loss = _per_example_xent()
   if name == "sgd":
     optimizer = keras.optimizers.legacy.SGD(learning_rate=0.1, momentum=0.9)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = _xent(keras)
   elif name == "tfp_dpsgd":
-    optimizer = dp_optimizer_keras.DPKerasSGDOptimizer(
+    optimizer = DPKerasSGDOptimizer(
         l2_norm_clip=1.0, noise_multiplier=1.1, num_microbatches=None,
         learning_rate=0.1)
   elif name == "tfp_vectorized":
-    optimizer = dp_optimizer_keras_vectorized.VectorizedDPKerasSGDOptimizer(
+    optimizer = VectorizedDPKerasSGDOptimizer(
         l2_norm_clip=1.0, noise_multiplier=1.1, num_microbatches=None,
         learning_rate=0.1)
   elif name == "tdp_nomask":
@@ -403,7 +460,8 @@ class Stepper:
     self.model = build_method(name, base, seed)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
     self._iterator = iter(dataset)
-    self._train_function = self.model.make_train_function()
+    self.model.make_train_function()  # Keras 3's returns None
+    self._train_function = self.model.train_function
     self.times = []   # seconds of the timed steps
     self.rounds = []  # the round of each timed step
 
@@ -568,18 +626,24 @@ def markdown_table(results, memory):
   return "\n".join(rows)
 
 
-def benchmark_models(names):
-  """sgd vs tdp_nomask on each model (alternating); one row per model."""
-  rows = ["| model | DP step / SGD step (median [IQR]) | SGD step ms | DP step "
+def benchmark_models(names, version):
+  """sgd vs the DP method of Keras `version` on each model (alternating);
+  one row per model."""
+  keras_ = keras_module(version)
+  dp = MODEL_SET_DP[version]
+  rows = [f"Keras {version} ({keras_.__name__} {keras_.__version__}), DP: "
+          f"{dp}\n",
+          "| model | DP step / SGD step (median [IQR]) | SGD step ms | DP step "
           "ms | samplers | target |", "|---|---|---|---|---|---|"]
   for name in names:
     builder, kind = MODELS[name]
     x, y = model_batch(kind, _FLAGS.batch_size, _FLAGS.seed)
-    base = builder(_FLAGS.seed)
-    steppers = run_timing(["sgd", "tdp_nomask"], base, x, y)
-    result = summarize(steppers)["tdp_nomask"]
+    base = builder(keras_, _FLAGS.seed)
+    steppers = run_timing(["sgd", dp], base, x, y)
+    result = summarize(steppers)[dp]
+    dp_model = steppers[dp].model
     samplers = sorted({s.split(":")[0] for _, _, s in tdp.pruning.report(
-        steppers["tdp_nomask"].model)})
+        getattr(dp_model, "private_model_of", dp_model))})
     target = MODEL_TARGETS.get(name, MODEL_SET_TARGET)
     verdict = f"<= {target}x " + ("met" if result["ratio_median"] <= target
                                   else "**missed**")
@@ -603,10 +667,12 @@ def main(argv):
     env = environment()
     print(f"\nbatch {_FLAGS.batch_size}; {env['cpu_count']} CPUs; TF "
           f"{env['tensorflow']}; {_FLAGS.steps} alternating rounds\n")
-    print(benchmark_models(names))
+    for version in ("2", "3") if _FLAGS.keras == "both" else (_FLAGS.keras,):
+      print(benchmark_models(names, version))
+      print()
     return
   x, y, source = load_batch(_FLAGS.batch_size, _FLAGS.mnist_dir, _FLAGS.seed)
-  base = tutorial_cnn(_FLAGS.seed)
+  base = tutorial_cnn(keras, _FLAGS.seed)
 
   if _FLAGS.memory_only:
     result = measure_memory_here(_FLAGS.memory_only, base, x, y)

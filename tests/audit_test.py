@@ -51,3 +51,13 @@ def test_steps_add_up_and_bad_arguments_are_refused():
     audit.audit_optimizer(1.0, trials=2)
   with pytest.raises(ValueError, match="steps"):
     audit.audit_optimizer(1.0, steps=0)
+
+
+def test_keras3_step_audits_like_the_optimizer():
+  broken = audit.audit_optimizer(0.01, trials=400, keras_version=3)
+  assert broken.epsilon_lower_bound > 3.0
+  sound = audit.audit_optimizer(1.0, trials=400, keras_version=3)
+  assert 0.0 <= sound.epsilon_lower_bound <= sound.epsilon
+  masked = audit.audit_optimizer(0.01, trials=200, masked_canary=True,
+                                 keras_version=3)
+  assert masked.epsilon_lower_bound == 0.0

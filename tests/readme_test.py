@@ -49,24 +49,42 @@ def test_readme_main_command_trains_on_digits(tmp_path):
   assert "Epoch 1/" in proc.stdout and "- epsilon:" in proc.stdout  # progress
 
 
-def test_readme_keras_one_call_example_runs():
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def _run_section(heading, keras_module):
+  """Runs the first python block under `heading` on a digits model of
+  `keras_module`; returns the namespace."""
   from tfdpprune import data  # pylint: disable=g-import-not-at-top
-  import tfdpprune as tdp  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, "README.md")) as f:
     text = f.read()
-  section = text.split("## Keras: DP training in one call")[1]
+  section = text.split(heading)[1]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   ds = data.load_dataset("digits")
-  keras = tdp.keras
-  keras.utils.set_random_seed(0)
-  model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                            keras.layers.Dense(10)])
+  keras_module.utils.set_random_seed(0)
+  model = keras_module.Sequential([
+      keras_module.Input((8, 8, 1)), keras_module.layers.Flatten(),
+      keras_module.layers.Dense(10)])
   namespace = dict(model=model, x_train=ds.x_train, y_train=ds.y_train,
                    x_test=ds.x_test, y_test=ds.y_test)
   code = code.replace("epochs=20", "epochs=2")  # keep the test short
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
-  private = namespace["private"]
+  return namespace
+
+
+def test_readme_keras3_one_call_example_runs():
+  import keras  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  private = _run_section("## Keras 3: DP training in one call",
+                         keras)["private"]
+  assert private.callback.epsilon <= 3.0 + 1e-6
+  assert int(private.model.iterations.numpy()) == private.steps
+  assert private.model.evaluate(private.dataset.take(1), verbose=0)
+  assert np.isfinite(private.noise_multiplier)
+
+
+def test_readme_keras2_one_call_example_runs():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tfdpprune as tdp  # pylint: disable=g-import-not-at-top
+  private = _run_section("## Keras 2 (tf_keras): the DP optimizer",
+                         tdp.keras)["private"]
   assert private.callback.epsilon <= 3.0 + 1e-6
   assert int(private.optimizer.iterations.numpy()) == private.steps
   assert np.isfinite(private.noise_multiplier)

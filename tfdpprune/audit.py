@@ -40,6 +40,7 @@ import numpy as np
 from scipy import stats
 
 from tfdpprune import accounting
+from tfdpprune import private_training
 from tfdpprune import pruning
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -132,21 +133,17 @@ def _best_threshold(without, with_canary, delta, confidence) -> float:
 
 
 def _statistics(noise_multiplier, l2_norm_clip, steps, trials, masked_canary,
-                batch_size, dimension, noise_seed, canary):
+                batch_size, dimension, noise_seed, canary, keras_version=2):
   """The canary statistic of `trials` independent trainings (units of C)."""
-  model = pruning.prune(keras.Sequential([
-      keras.Input((dimension,)), keras.layers.Dense(1, use_bias=False)]))
-  kernel = model.trainable_variables[0]
-  masks = None
-  if masked_canary:
-    mask = np.ones(kernel.shape, np.float32)
-    mask[0] = 0.0
-    masks = {kernel.ref(): mask}
   learning_rate = 1.0
-  optimizer = MaskedDPKerasSGDOptimizer(
-      l2_norm_clip, noise_multiplier, masks=masks,
-      learning_rate=learning_rate, expected_batch_size=batch_size,
-      noise_seed=noise_seed)
+  if keras_version == 3:
+    step_fn, kernel = _keras3_step(noise_multiplier, l2_norm_clip,
+                                   masked_canary, batch_size, dimension,
+                                   noise_seed, learning_rate)
+  else:
+    step_fn, kernel = _keras2_step(noise_multiplier, l2_norm_clip,
+                                   masked_canary, batch_size, dimension,
+                                   noise_seed, learning_rate)
   # D: zero inputs, zero gradients. The canary: a spike of 10 C on
   # coordinate 0 under a linear loss, so its gradient (-10 C e_0) does not
   # depend on the weights and is clipped to exactly C.
@@ -158,9 +155,7 @@ def _statistics(noise_multiplier, l2_norm_clip, steps, trials, masked_canary,
   x, y = tf.constant(x), tf.constant(y)
 
   def step():
-    with tf.GradientTape() as tape:
-      loss = -y[:, 0] * model(x, training=True)[:, 0]  # per example
-    optimizer.minimize(loss, model.trainable_variables, tape=tape)
+    step_fn(x, y)
 
   step()  # eager warm-up: creates the optimizer's variables outside the loop
 
@@ -178,13 +173,63 @@ def _statistics(noise_multiplier, l2_norm_clip, steps, trials, masked_canary,
   return moved * batch_size / (learning_rate * l2_norm_clip)
 
 
+def _canary_mask(shape):
+  mask = np.ones(shape, np.float32)
+  mask[0] = 0.0
+  return mask
+
+
+def _keras2_step(noise_multiplier, l2_norm_clip, masked_canary, batch_size,
+                 dimension, noise_seed, learning_rate):
+  """`(step(x, y), kernel)`: the Keras 2 optimizer on a linear model."""
+  model = pruning.prune(keras.Sequential([
+      keras.Input((dimension,)), keras.layers.Dense(1, use_bias=False)]))
+  kernel = model.trainable_variables[0]
+  masks = {kernel.ref(): _canary_mask(kernel.shape)} if masked_canary else None
+  optimizer = MaskedDPKerasSGDOptimizer(
+      l2_norm_clip, noise_multiplier, masks=masks,
+      learning_rate=learning_rate, expected_batch_size=batch_size,
+      noise_seed=noise_seed)
+
+  def step(x, y):
+    with tf.GradientTape() as tape:
+      loss = -y[:, 0] * model(x, training=True)[:, 0]  # per example
+    optimizer.minimize(loss, model.trainable_variables, tape=tape)
+  return step, kernel
+
+
+def _keras3_step(noise_multiplier, l2_norm_clip, masked_canary, batch_size,
+                 dimension, noise_seed, learning_rate):
+  """`(step(x, y), kernel)`: a Keras 3 private model's train step."""
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  model = pruning.prune(keras3.Sequential([
+      keras3.Input((dimension,)), keras3.layers.Dense(1, use_bias=False)]))
+  kernel = model.trainable_variables[0]
+  if masked_canary:
+    wrapper = pruning.wrappers(model)[0]
+    wrapper.add_masks("freeze", ["kernel"], "weight")
+    wrapper.freeze_masks["kernel"].assign(_canary_mask(kernel.shape))
+  private = private_training.make_private(
+      model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+      expected_batch_size=batch_size, noise_seed=noise_seed)
+  private.compile(optimizer=keras3.optimizers.SGD(learning_rate),
+                  loss=lambda y, p: -y[:, 0] * p[:, 0])  # per example
+
+  def step(x, y):
+    private.train_step((x, y))
+  return step, kernel
+
+
 def audit_optimizer(noise_multiplier: float, l2_norm_clip: float = 1.0,
                     steps: int = 1, trials: int = 1000,
                     masked_canary: bool = False, *, delta: float = 1e-5,
                     confidence: float = 0.95, batch_size: int = 8,
                     dimension: int = 16, accountant: str = "rdp",
-                    noise_seed: Optional[int] = None) -> AuditResult:
-  """Audits `MaskedDPKerasSGDOptimizer` with a white-box gradient canary.
+                    noise_seed: Optional[int] = None,
+                    keras_version: int = 2) -> AuditResult:
+  """Audits the DP step with a white-box gradient canary: Keras 2's
+  `MaskedDPKerasSGDOptimizer` or Keras 3's `tdp.make_private` train step
+  (`keras_version=3`).
 
   Args:
     noise_multiplier: sigma >= 0 of the audited optimizer.
@@ -200,6 +245,7 @@ def audit_optimizer(noise_multiplier: float, l2_norm_clip: float = 1.0,
     accountant: "rdp" or "pld", for the accountant's epsilon.
     noise_seed: None (secret noise, the default) or a seed for a
       reproducible audit.
+    keras_version: 2 (the optimizer) or 3 (the private model's step).
 
   Returns:
     An `AuditResult`; `lower, upper = result` unpacks the two figures.
@@ -212,12 +258,16 @@ def audit_optimizer(noise_multiplier: float, l2_norm_clip: float = 1.0,
     raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
   if not 0 < delta < 1:
     raise ValueError(f"delta={delta!r} must be in (0, 1)")
+  if keras_version not in (2, 3):
+    raise ValueError(f"keras_version={keras_version!r} must be 2 or 3")
   seeds = (None, None) if noise_seed is None else (noise_seed,
                                                    noise_seed + 1)
   args = (noise_multiplier, l2_norm_clip, steps, trials, masked_canary,
           batch_size, dimension)
-  without = _statistics(*args, seeds[0], canary=False)
-  with_canary = _statistics(*args, seeds[1], canary=True)
+  without = _statistics(*args, seeds[0], canary=False,
+                        keras_version=keras_version)
+  with_canary = _statistics(*args, seeds[1], canary=True,
+                            keras_version=keras_version)
   half = trials // 2
   tau = _best_threshold(without[:half], with_canary[:half], delta, confidence)
   held_without, held_with = without[half:], with_canary[half:]

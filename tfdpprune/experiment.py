@@ -248,10 +248,12 @@ def build_model(config: TrainConfig, dataset, public):
   keras.utils.set_random_seed(config.seed)
   try:
     options = {"width": config.model_width} if config.model_width != 1 else {}
+    if config.keras == 3:  # builders default to tf_keras
+      options["keras"] = keras
     if config.model_norm is not None:
       options["norm"] = config.model_norm
     model = models_lib.get_model(config.model, dataset.input_shape,
-                                 dataset.num_classes, keras=keras, **options)
+                                 dataset.num_classes, **options)
   except ValueError as e:
     raise _flag_error("model", config.model, e) from e
   except TypeError as e:
