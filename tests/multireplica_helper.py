@@ -147,23 +147,25 @@ def keras3_noise_ratio(strategy):
   return float(moved.std() * BATCH / (SIGMA * CLIP))
 
 
-def keras3_masked_difference(strategy):
-  """A noiseless masked Keras 3 step with Adam on two replicas vs one: the
-  largest difference, whether the replicas' copies agree, and whether the
-  frozen coordinates stayed."""
+def keras3_masked_difference(strategy, physical_batch_size=None):
+  """A noiseless masked Keras 3 step with Adam on two replicas (each in
+  chunks of `physical_batch_size` examples) vs one unsplit: the largest
+  difference, whether the replicas' copies agree, and whether the frozen
+  coordinates stayed."""
   import keras as keras3  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = rng.normal(size=(BATCH, 6)).astype(np.float32)
   y = rng.integers(0, 3, BATCH).astype(np.int32)
   config = tdp.PruneConfig(mode="freeze", sparsity=0.5, weights="all")
 
-  def build():
+  def build(physical=None):
     keras3.utils.set_random_seed(3)
     model = tdp.prune(keras3.Sequential([
         keras3.Input((6,)), keras3.layers.Dense(5, activation="tanh"),
         keras3.layers.Dense(3)]), config)
     private = tdp.make_private(model, l2_norm_clip=0.1, noise_multiplier=0.0,
-                               expected_batch_size=BATCH)
+                               expected_batch_size=BATCH,
+                               physical_batch_size=physical)
     private.compile(optimizer=keras3.optimizers.Adam(0.1),
                     loss=keras3.losses.SparseCategoricalCrossentropy(
                         from_logits=True))
@@ -173,7 +175,7 @@ def keras3_masked_difference(strategy):
   start = [v.numpy() for v in reference.trainable_variables]
   reference.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False)
   with strategy.scope():
-    private = build()
+    private = build(physical_batch_size)
   private.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False)
   diff = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(
       private.trainable_variables, reference.trainable_variables))
@@ -209,6 +211,10 @@ def main(mode, out):
     results["keras3_noise_ratio"] = keras3_noise_ratio(strategy)
     (results["keras3_max_abs_diff"], results["keras3_replica_copies_diff"],
      results["keras3_frozen_kept"]) = keras3_masked_difference(strategy)
+    # Each replica's 4 examples in chunks of 3 (an uneven last chunk).
+    (results["keras3_physical_max_abs_diff"],
+     results["keras3_physical_copies_diff"], _) = keras3_masked_difference(
+         strategy, physical_batch_size=3)
   if chief:
     with open(out, "w") as f:
       json.dump(results, f)

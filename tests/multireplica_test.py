@@ -53,6 +53,10 @@ def test_mirrored_two_replicas_noise_once_and_step_equals_single(tmp_path):
   assert results["keras3_max_abs_diff"] < 1e-5
   assert results["keras3_replica_copies_diff"] == 0.0
   assert results["keras3_frozen_kept"]
+  # Physical batches per replica (chunks of 3 of each replica's 4 examples):
+  # still one noise draw and the unsplit single-replica step.
+  assert results["keras3_physical_max_abs_diff"] < 1e-5
+  assert results["keras3_physical_copies_diff"] == 0.0
   # The global batch is a Poisson sample split across replicas: example i
   # is only ever on replica i mod 2, and joins each step with q = 0.3.
   counts = np.array(results["poisson_counts"])  # [replica, example], 300 steps

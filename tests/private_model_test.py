@@ -345,3 +345,38 @@ def test_subclassed_model_uses_the_exact_fallback():
   private.train_on_batch(x, y)
   for v, b, e in zip(net.trainable_variables, before, expected):
     np.testing.assert_allclose(v.numpy() - b, -e, rtol=1e-4, atol=1e-6)
+
+
+def test_keras3_select_masks_are_the_public_stream_independent_of_sampling():
+  """The Keras 3 step re-draws select masks from the same public stream as
+  Keras 2 (`masks.compute_masks`, keyed by the PruneConfig seed and the
+  draw), which randomness_test shows independent of Poisson sampling."""
+  from tfdpprune import masks  # pylint: disable=g-import-not-at-top
+  config = tdp.PruneConfig(mode="select", method="random", sparsity=0.5,
+                           every_k_steps=1, seed=0)
+  model = tdp.prune(_mlp(), config)
+  private = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.0,
+                             expected_batch_size=8)
+  private.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss())
+  x, y = _data(8)
+  wrappers = pruning.wrappers(private)
+  for step in range(3):
+    private.train_on_batch(x, y)  # re-draw `step` happens in step `step`
+    kernels = [w.roles()["kernel"] for w in wrappers]
+    expected = masks.compute_masks(config, kernels, draw=step)
+    for w, m in zip(wrappers, expected):
+      np.testing.assert_array_equal(w.select_masks["kernel"].numpy(),
+                                    m.numpy())
+
+
+def test_keras3_resume_with_changed_privacy_flags_is_refused(tmp_path):
+  from tfdpprune import experiment  # pylint: disable=g-import-not-at-top
+  from tfdpprune import ledger  # pylint: disable=g-import-not-at-top
+  from tfdpprune.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  experiment.run(TrainConfig(steps=3, noise_multiplier=1.0, keras=3),
+                 workdir, verbose=0)
+  with pytest.raises(ledger.LedgerMismatch,
+                     match="--noise_multiplier: 1.0 in the checkpoint, 2.0"):
+    experiment.run(TrainConfig(steps=3, noise_multiplier=2.0, keras=3),
+                   workdir, verbose=0)

@@ -316,6 +316,9 @@ class TrainConfig:
   noise_seed: Optional[int] = None
   nonprivate_metrics: bool = False
   eval_batch_size: int = 1024
+  physical_batch_size: Optional[int] = None
+  jit_compile: bool = False
+  mixed_precision: Optional[str] = None
 
   DEFAULT_TARGET_EPSILON = 3.0
   DEFAULT_EPOCHS = 30.0
@@ -413,6 +416,16 @@ class TrainConfig:
     if not (isinstance(self.eval_batch_size, int) and
             self.eval_batch_size >= 1):
       fail("eval_batch_size", "must be an integer >= 1")
+    if self.physical_batch_size is not None and not (
+        isinstance(self.physical_batch_size, int) and
+        not isinstance(self.physical_batch_size, bool) and
+        self.physical_batch_size >= 1):
+      fail("physical_batch_size", "must be an integer >= 1 (or unset)")
+    if not isinstance(self.jit_compile, bool):
+      fail("jit_compile", "must be True or False")
+    if self.mixed_precision not in (None, "mixed_bfloat16", "mixed_float16"):
+      fail("mixed_precision", "must be unset, 'mixed_bfloat16' or "
+           "'mixed_float16'")
 
   def to_dict(self):
     out = dataclasses.asdict(self)

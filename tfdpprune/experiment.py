@@ -179,7 +179,8 @@ def plan(config: TrainConfig, num_examples: int):
   if sigma is None:
     sigma = accounting.compute_noise_multiplier(
         config.target_epsilon, num_examples, config.batch_size, steps=steps,
-        delta=config.delta, accountant=config.accountant)
+        delta=config.delta, accountant=config.accountant,
+        max_batch_size=capacity(config, num_examples))
   return steps, q, float(sigma)
 
 
@@ -190,7 +191,7 @@ PRIVACY_FLAGS = ("dataset", "data_dir", "num_classes", "features",
                  "validation_fraction",
                  "batch_size", "epochs", "steps", "noise_multiplier",
                  "target_epsilon", "l2_norm_clip", "delta", "accountant",
-                 "noise_seed")
+                 "noise_seed", "jit_compile")
 
 
 def privacy_ledger(config: TrainConfig, dataset, sigma: float, q: float,
@@ -224,10 +225,10 @@ def keras_of(config: TrainConfig):
 
 
 def _loss(config: TrainConfig):
-  """Keras 2's DP optimizer takes one loss per example; Keras 3's private
-  model takes the standard loss and computes them itself."""
+  """Keras 2's DP optimizer takes one loss per example; a private model
+  (`uses_private_model`) takes the standard loss and computes them itself."""
   keras = keras_of(config)
-  if config.keras == 3:
+  if uses_private_model(config):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                     reduction="none")
@@ -243,8 +244,10 @@ def _sgd(config: TrainConfig, learning_rate, momentum):
 
 def build_model(config: TrainConfig, dataset, public):
   """The model with masks (public data only), before any DP step, in the
-  Keras of `--keras`."""
+  Keras of `--keras` and the dtype policy of `--mixed_precision`."""
   keras = keras_of(config)
+  keras.mixed_precision.set_global_policy(config.mixed_precision or
+                                          "float32")
   keras.utils.set_random_seed(config.seed)
   try:
     options = {"width": config.model_width} if config.model_width != 1 else {}
@@ -329,26 +332,50 @@ def make_optimizer(config: TrainConfig, sigma: float, steps: int = 1):
                                    momentum=config.momentum, **common)
 
 
+def uses_private_model(config: TrainConfig) -> bool:
+  """Whether the DP step is the model's train step (`tdp.make_private`):
+  always on Keras 3; on Keras 2 for physical batches or float16 (the
+  optimizer path cannot chunk a batch it only sees as a loss, nor undo a
+  loss scale)."""
+  return (config.keras == 3 or config.physical_batch_size is not None or
+          config.mixed_precision == "mixed_float16")
+
+
 def make_private(config: TrainConfig, model, sigma: float, steps: int = 1):
   """`(trained model, optimizer, DP step object)` of the run.
 
-  Keras 2: the model itself, the masked DP optimizer, and the optimizer
-  (which runs the DP step). Keras 3: the private model of `tdp.make_private`
-  (the DP step is its train step), a Keras 3 SGD (momentum) or Adam, and the
-  private model. Both take the same mechanism (C, sigma, B, K, noise seed).
+  Keras 2 (by default): the model itself, the masked DP optimizer, and the
+  optimizer (which runs the DP step). Otherwise (`uses_private_model`): the
+  private model of `tdp.make_private` (the DP step is its train step), a
+  plain SGD (momentum) or Adam of the model's Keras, and the private model.
+  All take the same mechanism (C, sigma, B, K, noise seed).
   """
-  if config.keras == 2:
+  if not uses_private_model(config):
     optimizer = make_optimizer(config, sigma, steps)
     return model, optimizer, optimizer
   keras = keras_of(config)
   private = private_training.make_private(
       model, l2_norm_clip=config.l2_norm_clip, noise_multiplier=sigma,
       expected_batch_size=config.batch_size, noise_seed=config.noise_seed,
-      augmentation_multiplicity=config.augmult)
+      augmentation_multiplicity=config.augmult,
+      physical_batch_size=config.physical_batch_size)
   rate = learning_rate(config, steps)
-  optimizer = (keras.optimizers.Adam(rate) if config.optimizer == "adam" else
-               keras.optimizers.SGD(rate, momentum=config.momentum))
+  optimizers = (keras.optimizers if config.keras == 3 else
+                keras.optimizers.legacy)
+  optimizer = (optimizers.Adam(rate) if config.optimizer == "adam" else
+               optimizers.SGD(rate, momentum=config.momentum))
   return private, optimizer, private
+
+
+def capacity(config: TrainConfig, num_examples: int) -> Optional[int]:
+  """The static batch capacity of `--jit_compile` (None without): the
+  smallest multiple of the physical batch whose tail P(Binomial(N + 1, q) >
+  capacity) is below 1e-12; the truncation is accounted in delta."""
+  if not config.jit_compile:
+    return None
+  return accounting.poisson_capacity(
+      num_examples, config.batch_size / num_examples,
+      multiple=config.physical_batch_size or 1)
 
 
 def multi_worker_strategy():
@@ -467,6 +494,13 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
         "who does not know the seed. For experiments only.",
         config.noise_seed)
 
+  if config.jit_compile and strategy.num_replicas_in_sync > 1:
+    raise _flag_error("jit_compile", True,
+                      "pads every Poisson batch to one static shape on one "
+                      "device; it is not supported with "
+                      f"{strategy.num_replicas_in_sync} replicas yet (drop "
+                      "--jit_compile or --distribute)")
+
   # -- input -----------------------------------------------------------------
   dataset, public = load_data(config, workdir)
   dataset, validation = validation_split(config, dataset)
@@ -482,9 +516,10 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
     averaging = (callbacks_lib.WeightAveraging(config.ema_decay).build(model)
                  if config.ema_decay else None)
     model.compile(optimizer=optimizer, loss=_loss(config),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], jit_compile=config.jit_compile)
     if config.keras == 3:  # its slots exist before a restore fills them
-      optimizer.build(model.trainable_variables)
+      model.base_optimizer.build(model.trainable_variables)
+    optimizer = model.optimizer  # with a LossScaleOptimizer, the wrapper
 
   # -- restore ----------------------------------------------------------------
   ledger = _run_ledger(config, dataset, sigma, q, store)
@@ -504,9 +539,14 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
 
   # -- train ------------------------------------------------------------------
   steps_per_epoch, epochs = fit_epochs(config, steps, q)
-  train = data_lib.distributed_poisson_batches(
-      strategy, dataset.x_train, dataset.y_train, q, steps,
-      seed=config.noise_seed, start_step=start, augmult=config.augmult)
+  if config.jit_compile:  # one static shape: one XLA compilation
+    train = data_lib.poisson_batches(
+        dataset.x_train, dataset.y_train, q, steps, seed=config.noise_seed,
+        start_step=start, augmult=config.augmult, pad_to=capacity(config, n))
+  else:
+    train = data_lib.distributed_poisson_batches(
+        strategy, dataset.x_train, dataset.y_train, q, steps,
+        seed=config.noise_seed, start_step=start, augmult=config.augmult)
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.DATA)
@@ -566,9 +606,11 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
   if averaging is not None:
     with averaging.swapped():
       test_loss, test_accuracy = model.evaluate(test, verbose=0)
-  epsilon = accounting.compute_epsilon(
-      n, config.batch_size, sigma, steps=done + abandoned_steps,
-      delta=config.delta, accountant=config.accountant)
+  # With --jit_compile the batches are truncated at the static capacity:
+  # the same spec as PrivacyCallback's adds the truncation to delta.
+  epsilon = accounting.PrivacySpec(
+      n, config.batch_size, sigma, config.delta, config.accountant,
+      max_batch_size=capacity(config, n)).epsilon(done + abandoned_steps)
   density = masks_lib.density(model)
   results = {
       "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
@@ -577,6 +619,7 @@ def run(config: TrainConfig, workdir: str, *, verbose: int = 1,
       "noise_multiplier": sigma, "l2_norm_clip": config.l2_norm_clip,
       "steps": done, "abandoned_steps": abandoned_steps,
       "sampling_probability": q, "num_examples": n,
+      "batch_capacity": capacity(config, n),
       "batch_size": config.batch_size, "accountant": config.accountant,
       "private_randomness": config.noise_seed is None,
       "sparsity": 1.0 - density["overall"], "density": density,

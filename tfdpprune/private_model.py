@@ -45,6 +45,13 @@ class Secret:
     self.variable = variable
 
 
+# The fixed loss scale of float16 compute (mixed_float16): a public constant.
+# A dynamic scale, which shrinks when gradients overflow, would depend on the
+# private data; a float16 example that still overflows gets coefficient 0
+# (its norm is not finite), and no step is ever skipped.
+FLOAT16_LOSS_SCALE = 2.0 ** 10
+
+
 def _check_int(name, value, low):
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
     raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -106,6 +113,11 @@ class PrivateModelMixin:
     noise_seed: None (secret noise) or an integer (reproducible, public
       noise: experiments only; then part of the config).
     augmentation_multiplicity: K >= 1 rows per example (De et al. 2022).
+    physical_batch_size: None, or P >= 1: each logical (Poisson) batch is
+      processed in chunks of at most P examples inside the one training step
+      (forward, backward and per-example work), their clipped sums
+      accumulated in float32, noise added once and the total divided by B:
+      the same mechanism as the unsplit step, with memory bounded by P.
     iterations: the initial DP step count (restored from a `.keras` file).
   """
 
@@ -113,7 +125,8 @@ class PrivateModelMixin:
 
   def __init__(self, model, *, l2_norm_clip: float, noise_multiplier: float,
                expected_batch_size: float, noise_seed: Optional[int] = None,
-               augmentation_multiplicity: int = 1, iterations: int = 0,
+               augmentation_multiplicity: int = 1,
+               physical_batch_size: Optional[int] = None, iterations: int = 0,
                **kwargs):
     kwargs.setdefault("name", f"private_{model.name}")
     super().__init__(**kwargs)
@@ -124,6 +137,8 @@ class PrivateModelMixin:
           "give B = the batch_size of tdp.poisson_dataset")
     _check_int("augmentation_multiplicity", augmentation_multiplicity, 1)
     _check_int("iterations", iterations, 0)
+    if physical_batch_size is not None:
+      _check_int("physical_batch_size", physical_batch_size, 1)
     if noise_seed is not None:
       _check_int("noise_seed", noise_seed, -2**63)
     object.__setattr__(self, "_mechanism", mechanism_lib.Mechanism(
@@ -132,6 +147,7 @@ class PrivateModelMixin:
     object.__setattr__(self, "_noise_seed", noise_seed)
     object.__setattr__(self, "_augmentation_multiplicity",
                        int(augmentation_multiplicity))
+    object.__setattr__(self, "_physical_batch_size", physical_batch_size)
     self.model = model
     self._iterations = self._step_counter(int(iterations))
     if model.built:  # its call builds nothing new
@@ -140,6 +156,21 @@ class PrivateModelMixin:
       object.__setattr__(self, "_secret", Secret(tf.Variable(
           randomness.private_key(randomness.NOISE, noise_seed),
           dtype=tf.int64, trainable=False, name="noise_key")))
+
+  # -- mixed precision -----------------------------------------------------------
+
+  @property
+  def base_optimizer(self):
+    """The optimizer that applies the DP gradient: the compiled one, or the
+    inner one of a `LossScaleOptimizer` (whose dynamic scale, a function of
+    which gradients overflowed, is never consulted or moved)."""
+    return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+
+  def _loss_scale(self) -> float:
+    """S: `FLOAT16_LOSS_SCALE` when the model computes in float16, else 1
+    (bfloat16 has float32's range)."""
+    dtype = getattr(self.model, "compute_dtype", "float32")
+    return FLOAT16_LOSS_SCALE if str(dtype) == "float16" else 1.0
 
   # -- what the front end gives ---------------------------------------------
 
@@ -156,7 +187,7 @@ class PrivateModelMixin:
     raise NotImplementedError
 
   def _track_loss(self, x, y, y_pred, sample_weight, rows):
-    """Updates the `loss` metric; returns the logs of the step."""
+    """Updates the `loss` and compiled metrics with one batch (or chunk)."""
     raise NotImplementedError
 
   def _check_optimizer(self):
@@ -183,6 +214,11 @@ class PrivateModelMixin:
   @property
   def noise_seed(self) -> Optional[int]:
     return self._noise_seed
+
+  @property
+  def physical_batch_size(self) -> Optional[int]:
+    """P, the most examples processed at once (None: the whole batch)."""
+    return self._physical_batch_size
 
   @property
   def iterations(self):
@@ -274,27 +310,83 @@ class PrivateModelMixin:
     keras = frontends.of(self).keras
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = self.model.trainable_variables
+    dp_step.redraw_selections(variables, self._iterations)
+    specs = {variables_lib.key(v): dp_step.wrapper_mask_spec(v)
+             for v in variables}
+    if self._physical_batch_size is None:
+      sums, examples, logs = self._chunk(x, y, sample_weight, variables,
+                                         specs)
+    else:
+      sums, examples, logs = self._chunks(x, y, sample_weight, variables,
+                                          specs)
+    grads = dp_step.privatize(sums, examples, variables, specs,
+                              self._mechanism,
+                              noise_key=self._secret.variable,
+                              step=self._iterations)
+    keys = [variables_lib.key(v) for v in variables]
+    masked_apply(
+        self._apply, self._slots, grads, variables,
+        [None if specs[k][0] is None else specs[k][0].value for k in keys],
+        [specs[k][1] for k in keys], who=type(self.base_optimizer).__name__)
+    self._iterations.assign_add(1)
+    return logs()
+
+  def _chunk(self, x, y, sample_weight, variables, specs):
+    """`(clipped sums, examples, logs fn)` of one batch, processed at once."""
     with tf.GradientTape() as tape:
       y_pred = self.model(x, training=True)
       rows = self.per_example_losses(y, y_pred, sample_weight)
     if not tf.executing_eagerly():
       validation.check_graph(rows.graph, "tdp.make_private")
-    dp_step.redraw_selections(variables, self._iterations)
-    specs = {variables_lib.key(v): dp_step.wrapper_mask_spec(v)
-             for v in variables}
-    grads = dp_step.dp_gradients(
+    k = self._augmentation_multiplicity
+    valid = None
+    if sample_weight is not None:  # padding rows (weight 0) are no example
+      valid = tf.reshape(tf.cast(sample_weight, tf.float32), [-1, k])[:, 0] > 0
+    sums, examples = dp_step.clipped_sums(
         tape, rows, variables, specs, self._mechanism,
-        noise_key=self._secret.variable, step=self._iterations,
-        augmentation_multiplicity=self._augmentation_multiplicity,
+        augmentation_multiplicity=k, valid=valid,
+        loss_scale=self._loss_scale(),
         fallback=self._per_example_fallback(x, y, sample_weight),
         on_fallback=self._warn_fallback)
-    keys = [variables_lib.key(v) for v in variables]
-    masked_apply(
-        self._apply, self._slots, grads, variables,
-        [None if specs[k][0] is None else specs[k][0].value for k in keys],
-        [specs[k][1] for k in keys], who=type(self.optimizer).__name__)
-    self._iterations.assign_add(1)
-    return self._track_loss(x, y, y_pred, sample_weight, rows)
+    self._track_loss(x, y, y_pred, sample_weight, rows)
+    return sums, examples, self.get_metrics_result
+
+  def _chunks(self, x, y, sample_weight, variables, specs):
+    """`(clipped sums, examples, logs fn)` of one logical batch, processed
+    in chunks of at most P examples (P*K rows) inside a `tf.while_loop`:
+    one chunk's activations and per-example work live at a time."""
+    rows_per_chunk = self._physical_batch_size * self._augmentation_multiplicity
+    total = tf.shape(tf.nest.flatten(x)[0])[0]
+    count = (total + rows_per_chunk - 1) // rows_per_chunk
+    keys = [variables_lib.key(v) for v in variables if not specs[
+        variables_lib.key(v)][1]]
+    shapes = {variables_lib.key(v): v.shape for v in variables}
+
+    static = tf.nest.flatten(x)[0].shape[0]
+
+    def part(structure, i):
+      """Chunk i; with a static batch that chunks evenly (padded batches)
+      every chunk has a static shape, so XLA compiles the loop once."""
+      def chunk(t):
+        if static is not None and static % rows_per_chunk == 0:
+          return tf.reshape(t, [static // rows_per_chunk, rows_per_chunk] +
+                            t.shape.as_list()[1:])[i]
+        return t[i * rows_per_chunk:(i + 1) * rows_per_chunk]
+      return tf.nest.map_structure(chunk, structure)
+
+    def body(i, examples, acc):
+      xs, ys = part(x, i), part(y, i)
+      ws = None if sample_weight is None else part(sample_weight, i)
+      sums, n, _ = self._chunk(xs, ys, ws, variables, specs)
+      acc = [a + (sums[k] if k in sums else tf.zeros_like(a))
+             for k, a in zip(keys, acc)]
+      return i + 1, examples + n, acc
+
+    _, examples, acc = tf.while_loop(
+        lambda i, *_: i < count, body,
+        (tf.constant(0), tf.constant(0),
+         [tf.zeros(shapes[k], tf.float32) for k in keys]))
+    return dict(zip(keys, acc)), examples, self.get_metrics_result
 
   def get_config(self):
     """The mechanism's parameters and the step count; never the key
@@ -309,6 +401,8 @@ class PrivateModelMixin:
         "augmentation_multiplicity": self._augmentation_multiplicity,
         "iterations": int(self._iterations.numpy()),
     }
+    if self._physical_batch_size is not None:
+      config["physical_batch_size"] = self._physical_batch_size
     if self._noise_seed is not None:
       config["noise_seed"] = self._noise_seed
     return config
@@ -325,7 +419,8 @@ class PrivateModelMixin:
 def make_private(private_class, model, *, l2_norm_clip: float,
                  noise_multiplier: float, expected_batch_size: float,
                  noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1):
+                 augmentation_multiplicity: int = 1,
+                 physical_batch_size: Optional[int] = None):
   """`private_class(model wrapped, ...)` (`tdp.make_private`)."""
   from tfdpprune import pruning  # pylint: disable=g-import-not-at-top
   if isinstance(model, PrivateModelMixin):
@@ -341,4 +436,5 @@ def make_private(private_class, model, *, l2_norm_clip: float,
   return private_class(
       model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity)
+      augmentation_multiplicity=augmentation_multiplicity,
+      physical_batch_size=physical_batch_size)

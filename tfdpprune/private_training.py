@@ -42,7 +42,8 @@ _OPTIMIZERS = {"sgd": MaskedDPKerasSGDOptimizer,
 def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
                     steps: Optional[int] = None, seed: Optional[int] = None,
                     max_batch_size: Optional[int] = None,
-                    augmult: int = 1) -> tf.data.Dataset:
+                    augmult: int = 1,
+                    pad_to: Optional[int] = None) -> tf.data.Dataset:
   """Poisson-sampled batches of expected size `batch_size` for `model.fit`.
 
   Every step, each example joins the batch independently with probability
@@ -51,7 +52,10 @@ def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
   carries its `data.PoissonSpec`, which `PrivacyCallback(dataset=...)`
   checks. Use the optimizer with `expected_batch_size=batch_size` (and
   `augmentation_multiplicity=augmult` with `augmult` augmented copies of
-  every example, images only).
+  every example, images only). `pad_to` gives every batch the same static
+  shape for XLA (`(x, y, w)`, padding rows of weight 0; the truncation at
+  `pad_to` is accounted, see `data.poisson_batches` and
+  `accounting.poisson_capacity`).
 
   Raises:
     ValueError: naming the argument, for a bad batch size or step count.
@@ -67,7 +71,7 @@ def poisson_dataset(x, y, batch_size: int, *, epochs: Optional[float] = None,
     steps = accounting.steps_for(n, batch_size, epochs)
   return data_lib.poisson_batches(x, y, batch_size / n, int(steps), seed=seed,
                                   max_batch_size=max_batch_size,
-                                  augmult=augmult)
+                                  augmult=augmult, pad_to=pad_to)
 
 
 @dataclasses.dataclass
@@ -98,7 +102,8 @@ class PrivateTraining:
     """`model.compile` with the optimizer and a standard Keras loss (on
     Keras 2 the DP optimizer gets it without reduction: one loss per
     example)."""
-    if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
+    if (not hasattr(self.model, "noise_multiplier") and
+        isinstance(loss, keras.losses.Loss) and loss.reduction != "none"):
       loss = type(loss).from_config({**loss.get_config(), "reduction": "none"})
     self.model.compile(optimizer=self.optimizer, loss=loss, **kwargs)
 
@@ -112,7 +117,8 @@ class PrivateTraining:
 
 def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
                  expected_batch_size: float, noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1):
+                 augmentation_multiplicity: int = 1,
+                 physical_batch_size: Optional[int] = None):
   """A model whose `fit`, `train_on_batch` and `evaluate` work as usual and
   whose every training step is a masked DP-SGD step.
 
@@ -143,6 +149,11 @@ def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
       private).
     noise_seed: None (secret noise) or an integer (experiments only).
     augmentation_multiplicity: K >= 1 augmented rows per example.
+    physical_batch_size: None, or P: every logical batch is processed in
+      chunks of at most P examples within its one step (clipped sums
+      accumulated in float32, noise once, divided by B), so memory does not
+      grow with B; the mechanism, and epsilon, are those of the unsplit
+      step.
   """
   fe = frontends.of(model)
   if fe.name == "keras3":
@@ -152,7 +163,8 @@ def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
   return private.make_private(
       model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity)
+      augmentation_multiplicity=augmentation_multiplicity,
+      physical_batch_size=physical_batch_size)
 
 
 def make_private_with_epsilon(
@@ -161,6 +173,7 @@ def make_private_with_epsilon(
     optimizer: str = "sgd", learning_rate: float = 0.1,
     accountant: str = "rdp", prune=None, public_data=None,
     noise_seed: Optional[int] = None, augmult: int = 1,
+    physical_batch_size: Optional[int] = None,
     **optimizer_kwargs) -> PrivateTraining:
   """Calibrates sigma to `target_epsilon` and builds every DP piece.
 
@@ -184,6 +197,9 @@ def make_private_with_epsilon(
     noise_seed: None (secret noise and sampling) or a seed (experiments).
     augmult: augmentation multiplicity K (images): K augmented copies of
       every sampled example, their mean gradient clipped as one.
+    physical_batch_size: None, or P: each logical batch is processed in
+      chunks of at most P examples (`tdp.make_private`); a Keras 2 model then
+      becomes a private model too (its optimizer could not chunk a batch).
 
   Returns:
     A `PrivateTraining`; call `.compile(loss)` (a standard Keras loss) then
@@ -192,7 +208,8 @@ def make_private_with_epsilon(
   n = len(y)
   if optimizer not in _OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} must be 'sgd' or 'adam'")
-  keras3 = frontends.of(model).name == "keras3"
+  fe = frontends.of(model)
+  private_step = fe.name == "keras3" or physical_batch_size is not None
   if not 0 < delta < 1.0 / n:
     raise ValueError(f"delta={delta!r} must be in (0, 1/N = {1.0 / n:.3g})")
   steps = accounting.steps_for(n, batch_size, epochs)
@@ -200,12 +217,14 @@ def make_private_with_epsilon(
       target_epsilon, n, batch_size, steps=steps, delta=delta,
       accountant=accountant)
   model = pruning.prune(model, prune, public_data=public_data)
-  if keras3:
+  if private_step:
     model = make_private(model, l2_norm_clip=l2_norm_clip,
                          noise_multiplier=sigma, expected_batch_size=batch_size,
                          noise_seed=noise_seed,
-                         augmentation_multiplicity=augmult)
-    keras_optimizers = frontends.of(model).keras.optimizers
+                         augmentation_multiplicity=augmult,
+                         physical_batch_size=physical_batch_size)
+    keras_optimizers = (fe.keras.optimizers if fe.name == "keras3" else
+                        fe.keras.optimizers.legacy)
     opt = (keras_optimizers.SGD if optimizer == "sgd" else
            keras_optimizers.Adam)(learning_rate=learning_rate,
                                   **optimizer_kwargs)

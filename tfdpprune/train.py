@@ -124,6 +124,21 @@ flags.DEFINE_float("epochs", None, "Epochs (default "
                    f"{TrainConfig.DEFAULT_EPOCHS}); exclusive "
                    "with --steps.")
 flags.DEFINE_integer("steps", None, "Optimizer steps; exclusive with --epochs.")
+flags.DEFINE_integer("physical_batch_size", None, "Scale: process each "
+                     "logical (Poisson) batch in chunks of at most this many "
+                     "examples inside its one step (clipped sums accumulated "
+                     "in float32, noise once, divided by --batch_size): the "
+                     "same mechanism and epsilon, memory bounded by this "
+                     "size. Default: the whole batch at once.")
+flags.DEFINE_bool("jit_compile", False, "Compile the DP step with XLA. "
+                  "Batches are padded to one static capacity (a tail "
+                  "probability below 1e-12 of the Poisson batch size, a "
+                  "multiple of --physical_batch_size; the truncation is "
+                  "added to delta), so one compilation serves every step.")
+flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy. Norms, clip coefficients, sums and "
+                  "noise stay float32; float16 uses a fixed public loss "
+                  "scale, undone before the norms.")
 flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam"], "The masked "
                   "DP optimizer: sgd (MaskedDPKerasSGDOptimizer, with "
                   "--momentum) or adam (MaskedDPKerasAdamOptimizer).")
@@ -244,7 +259,9 @@ def config_from_flags() -> TrainConfig:
       target_epsilon=target, delta=FLAGS.delta, accountant=FLAGS.accountant,
       prune=_prune_config(), init_checkpoint=FLAGS.init_checkpoint,
       seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
-      nonprivate_metrics=FLAGS.nonprivate_metrics)
+      nonprivate_metrics=FLAGS.nonprivate_metrics,
+      physical_batch_size=FLAGS.physical_batch_size,
+      jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision)
 
 
 def default_workdir(config: TrainConfig) -> str:

@@ -243,6 +243,29 @@ def poisson_truncation_probability(num_examples: int,
                               sampling_probability))
 
 
+def poisson_capacity(num_examples: int, sampling_probability: float,
+                     tail: float = 1e-12, multiple: int = 1) -> int:
+  """The smallest batch capacity (a multiple of `multiple`) that a Poisson
+  batch of the larger neighbouring data set (N + 1 examples) exceeds with
+  probability below `tail`: a static shape whose truncation costs little
+  delta (`PrivacySpec.max_batch_size` accounts it).
+
+  Example:
+    >>> poisson_capacity(60000, 256 / 60000)   # mean 256, sd 16
+    376
+  """
+  _check_int("num_examples", num_examples, 1)
+  _check_int("multiple", multiple, 1)
+  if not 0 < tail < 1:
+    raise ValueError(f"tail={tail!r} must be in (0, 1)")
+  cap = int(stats.binom.isf(tail, num_examples + 1, sampling_probability))
+  while poisson_truncation_probability(num_examples + 1,
+                                       sampling_probability, cap) >= tail:
+    cap += 1
+  cap = max(cap, 1)
+  return -(-cap // multiple) * multiple
+
+
 def steps_for(num_examples: int, batch_size: int, epochs: float) -> int:
   """ceil(epochs * num_examples / batch_size), the steps of `epochs` epochs.
 
@@ -303,7 +326,8 @@ def compute_noise_multiplier(target_epsilon: float,
                              epochs: Optional[float] = None,
                              steps: Optional[int] = None,
                              delta: float = 1e-5,
-                             accountant: str = "rdp") -> float:
+                             accountant: str = "rdp",
+                             max_batch_size: Optional[int] = None) -> float:
   """The smallest noise multiplier whose epsilon is <= `target_epsilon`.
 
   Root finding on sigma (Brent's method, then bisection) to a relative
@@ -314,6 +338,8 @@ def compute_noise_multiplier(target_epsilon: float,
     target_epsilon: the epsilon to reach, > 0.
     num_examples, batch_size, epochs, steps, delta, accountant: as in
       `compute_epsilon`.
+    max_batch_size: a cap truncating the Poisson batches (static shapes),
+      whose cost is added to delta (`PrivacySpec.max_batch_size`).
 
   Returns:
     sigma >= 0 (0.0 when steps = 0).
@@ -331,8 +357,8 @@ def compute_noise_multiplier(target_epsilon: float,
   total = _resolve_steps(num_examples, batch_size, epochs, steps)
 
   def eps(sigma):
-    return PrivacySpec(num_examples, batch_size, sigma, delta,
-                       accountant).epsilon(total)
+    return PrivacySpec(num_examples, batch_size, sigma, delta, accountant,
+                       max_batch_size=max_batch_size).epsilon(total)
 
   eps(1.0)  # validates the remaining arguments
   if total == 0:

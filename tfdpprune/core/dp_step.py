@@ -75,76 +75,124 @@ def redraw_selections(var_list, step) -> None:
 
 def example_losses(loss_rows, k: int) -> tf.Tensor:
   """`[B]` per-example losses from `[B*K]` rows (the mean of each example's
-  K augmented rows), checking the rows come in groups of K."""
+  K augmented rows), checking the rows come in groups of K: statically when
+  the batch size is known, else at run time (where XLA would drop an
+  assert, the reshape itself fails on a batch that is not a multiple of K).
+  """
   if k == 1:
     return loss_rows
-  check = tf.debugging.assert_equal(
-      tf.shape(loss_rows)[0] % k, 0, message=(
-          f"augmentation_multiplicity={k}: the batch must hold {k} "
-          "consecutive rows per example"))
+  message = (f"augmentation_multiplicity={k}: the batch must hold {k} "
+             "consecutive rows per example")
+  rows = loss_rows.shape[0]
+  if rows is not None:
+    if rows % k:
+      raise ValueError(f"{message}; it has {rows} rows")
+    return tf.reduce_mean(tf.reshape(loss_rows, [rows // k, k]), axis=1)
+  check = tf.debugging.assert_equal(tf.shape(loss_rows)[0] % k, 0,
+                                    message=message)
   with tf.control_dependencies([check]):
     return tf.reduce_mean(tf.reshape(loss_rows, [-1, k]), axis=1)
 
 
-def dp_gradients(tape: tf.GradientTape, loss_rows: tf.Tensor,
+def clipped_sums(tape: tf.GradientTape, loss_rows: tf.Tensor,
                  var_list: Sequence[object], specs: Specs,
-                 mechanism: mechanism_lib.Mechanism, *, noise_key, step,
+                 mechanism: mechanism_lib.Mechanism, *,
                  augmentation_multiplicity: int = 1,
+                 valid: Optional[tf.Tensor] = None,
+                 loss_scale: float = 1.0,
                  clip_fraction: Optional[tf.Variable] = None,
                  fallback: Optional[Callable] = None,
                  on_fallback: Optional[Callable[[str], None]] = None
-                 ) -> List[tf.Tensor]:
-  """The released (clipped, summed, noised, averaged) gradient of each
-  variable of `var_list` (zeros for excluded ones).
+                 ) -> Tuple[Dict[object, tf.Tensor], tf.Tensor]:
+  """`({var key: sum_i c_i (g_i * m)}, examples)`: the clipped sums of one
+  batch (or one physical chunk of a logical batch), before noise.
 
   Args:
     tape: the tape that recorded the forward pass and `loss_rows`.
     loss_rows: `[B*K]` per-row losses (computed under `tape`).
     var_list: the variables to privatize.
     specs: `{variables.key(var): (spec, excluded)}` for every variable.
-    mechanism: clip, noise multiplier and denominator.
-    noise_key: the secret noise key; step: the step keying the noise.
+    mechanism: the clip (and the rest of the mechanism).
     augmentation_multiplicity: K rows per example.
+    valid: optional `[B]` booleans: padding rows (False) get coefficient 0
+      and count as no example.
+    loss_scale: S > 0 (mixed precision): the backward pass runs on S times
+      the loss (float16 gradients underflow less), and the output gradients
+      are divided by S in float32 before any norm.
     clip_fraction: optional variable given the fraction of examples clipped
       (a diagnostic of raw private gradients, outside the guarantee).
     fallback: `(tape, loss_rows, variables) -> [per-row gradients]` when the
       wrappers cannot give per-example gradients (default: the whole-model
       vectorized jacobian).
     on_fallback: called with the reason when the fallback is used.
+
+  Norms, coefficients and sums are float32, whatever the compute dtype, so
+  chunks accumulate exactly as one batch would.
   """
   k = augmentation_multiplicity
   with tape:
+    loss_rows = tf.cast(loss_rows, tf.float32)
     # K augmented rows per example: the example's loss is their mean.
-    loss_sum = tf.reduce_sum(loss_rows) / k if k > 1 else tf.reduce_sum(
-        loss_rows)
+    loss_sum = tf.reduce_sum(loss_rows) * (loss_scale / k)
   loss = example_losses(loss_rows, k)
   selected = [v for v in var_list
               if not specs[variables_lib.key(v)][1]]
   with engines.rows_per_example(k):
-    batch = tf.shape(loss)[0]
     plan, why = _fast_plan(selected, loss_rows)
     if plan is not None:
       sq_norms, sums_of = _fast_norms(plan, specs, tape, loss_sum, loss,
-                                      loss_rows)
+                                      loss_rows, loss_scale)
     else:
       if on_fallback is not None:
         on_fallback(why)
       sq_norms, sums_of = _fallback_norms(selected, specs, tape, loss,
                                           loss_rows, fallback)
+    sq_norms = tf.cast(sq_norms, tf.float32)
     coef, finite = mechanism.coefficients(sq_norms, loss)
+    if valid is None:
+      examples = tf.shape(loss)[0]
+    else:
+      valid = tf.cast(valid, tf.bool)
+      coef = tf.where(valid, coef, tf.zeros_like(coef))
+      finite = finite | ~valid  # padding is zero, never non-finite
+      examples = tf.reduce_sum(tf.cast(valid, tf.int32))
     if clip_fraction is not None:
       clip = tf.constant(mechanism.l2_norm_clip, sq_norms.dtype)
+      clipped = (sq_norms > clip * clip) & (
+          tf.constant(True) if valid is None else valid)
       clip_fraction.assign(tf.math.divide_no_nan(
-          tf.reduce_sum(tf.cast(sq_norms > clip * clip, tf.float32)),
-          tf.cast(batch, tf.float32)))
+          tf.reduce_sum(tf.cast(clipped, tf.float32)),
+          tf.cast(examples, tf.float32)))
     sums = sums_of(coef, finite)
+  return {key: tf.cast(total, tf.float32) for key, total in sums.items()}, (
+      examples)
+
+
+def dp_gradients(tape: tf.GradientTape, loss_rows: tf.Tensor,
+                 var_list: Sequence[object], specs: Specs,
+                 mechanism: mechanism_lib.Mechanism, *, noise_key, step,
+                 **kwargs) -> List[tf.Tensor]:
+  """The released (clipped, summed, noised, averaged) gradient of each
+  variable of `var_list` (zeros for excluded ones): `clipped_sums` (its
+  keyword arguments) then `mechanism.privatize`, noise keyed by `noise_key`
+  and `step`."""
+  sums, examples = clipped_sums(tape, loss_rows, var_list, specs, mechanism,
+                                **kwargs)
+  return privatize(sums, examples, var_list, specs, mechanism,
+                   noise_key=noise_key, step=step)
+
+
+def privatize(sums, examples, var_list, specs, mechanism, *, noise_key,
+              step) -> List[tf.Tensor]:
+  """`mechanism.privatize` of `{var key: clipped sum}` (one logical step:
+  noise once, divided by the expected batch size)."""
   keys = [variables_lib.key(v) for v in var_list]
   return mechanism.privatize(
       [sums.get(key) for key in keys], var_list,
       [None if specs[key][0] is None else specs[key][0].value
        for key in keys],
       [specs[key][1] for key in keys], noise_key=noise_key, step=step,
-      batch_size=batch, replica=mechanism_lib.replica_context())
+      batch_size=examples, replica=mechanism_lib.replica_context())
 
 
 @dataclasses.dataclass
@@ -220,7 +268,8 @@ def _fast_plan(selected, loss) -> Tuple[Optional[_Plan], Optional[str]]:
   return plan, None
 
 
-def _fast_norms(plan: _Plan, specs, tape, loss_sum, loss, loss_rows):
+def _fast_norms(plan: _Plan, specs, tape, loss_sum, loss, loss_rows,
+                loss_scale=1.0):
   """Per-layer norms from captured activations and one backward pass.
 
   Returns `(sq_norms [B], sums_of)`, `sums_of(coef, finite)` giving the
@@ -228,6 +277,11 @@ def _fast_norms(plan: _Plan, specs, tape, loss_sum, loss, loss_rows):
   """
   zs = [c.outputs for captures in plan.captures for c in captures]
   deltas = tape.gradient(loss_sum, zs) if zs else []
+  # float32 output gradients, the loss scale undone: every norm and sum
+  # below is float32 (the samplers cast activations to the variables'
+  # float32 dtype).
+  deltas = [None if d is None else tf.nest.map_structure(
+      lambda t: tf.cast(t, tf.float32) / loss_scale, d) for d in deltas]
   pairs_of, i = [], 0
   for captures in plan.captures:
     pairs = []
@@ -284,18 +338,25 @@ def _fast_norms(plan: _Plan, specs, tape, loss_sum, loss, loss_rows):
 
   sq_norms, raw_sums = per_layer(None)
   # Dynamic shapes: each layer's output gradient must have one row per
-  # example (a broadcast layer output would mix them), checked at run time.
-  checks = [tf.debugging.assert_equal(
-      tf.shape(d)[0], tf.shape(loss_rows)[0], message=(
-          f"layer {owner.layer.name!r}: output rows are not the batch's "
-          "examples; feed it batch-major inputs"))
-            for owner, pairs in zip(plan.owners, pairs_of)
-            for _, delta in pairs
-            for d in tf.nest.flatten(delta) if d is not None and
-            (d.shape[0] is None or loss_rows.shape[0] is None)]
-  if checks:
+  # example (a broadcast layer output would mix them). Checked at run time,
+  # and, since XLA drops asserts, also by making every norm NaN when it
+  # fails: every example then gets coefficient 0 and the step releases only
+  # noise, never a wrong sum.
+  dynamic = [(owner, d) for owner, pairs in zip(plan.owners, pairs_of)
+             for _, delta in pairs for d in tf.nest.flatten(delta)
+             if d is not None and
+             (d.shape[0] is None or loss_rows.shape[0] is None)]
+  if dynamic:
+    same = [tf.equal(tf.shape(d)[0], tf.shape(loss_rows)[0])
+            for _, d in dynamic]
+    checks = [tf.debugging.Assert(ok, [
+        f"layer {owner.layer.name!r}: output rows are not the batch's "
+        "examples; feed it batch-major inputs"])
+              for ok, (owner, _) in zip(same, dynamic)]
     with tf.control_dependencies(checks):
-      sq_norms = tf.identity(sq_norms)
+      sq_norms = tf.where(tf.reduce_all(same), sq_norms,
+                          tf.fill(tf.shape(sq_norms),
+                                  tf.constant(float("nan"), sq_norms.dtype)))
   return sq_norms, _guarded(raw_sums, lambda keep: per_layer(keep)[1])
 
 

@@ -317,6 +317,20 @@ class MaskedDPGradients:
     BatchNormalization), whoever built it."""
     refs = None
     for model in _models_on_stack():
+      wrapper = getattr(model, "optimizer", None)
+      if (wrapper is not self and
+          getattr(wrapper, "inner_optimizer", None) is self):
+        raise ValueError(
+            f"model {model.name!r} wraps {type(self).__name__} in a "
+            f"{type(wrapper).__name__} (the mixed_float16 policy does this "
+            "in compile): its loss scale S would multiply every per-example "
+            "gradient before clipping (the clip would become C / S), and its "
+            "dynamic scale skips steps whose gradients overflow, which "
+            "depends on the private data. Fix: tdp.make_private(model, "
+            "l2_norm_clip=..., noise_multiplier=..., expected_batch_size=...) "
+            "with a plain tf_keras optimizer (a fixed public loss scale, "
+            "undone in float32 before the norms), or the mixed_bfloat16 "
+            "policy (no loss scale)")
       if model in self._validated_models:
         continue
       if refs is None:

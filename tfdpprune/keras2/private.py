@@ -28,7 +28,7 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
   def _check_optimizer(self):
-    optimizer = self.optimizer
+    optimizer = self.base_optimizer
     if isinstance(optimizer, dp_gradients.MaskedDPGradients):
       raise ValueError(
           f"{type(optimizer).__name__} is a DP optimizer, and the private "
@@ -37,11 +37,11 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
     variables = self.model.trainable_variables
     if isinstance(optimizer, keras.optimizers.legacy.Optimizer):
       optimizer._create_all_weights(variables)  # pylint: disable=protected-access
-    elif not getattr(optimizer, "_built", True):
+    elif not getattr(optimizer, "_built", False):
       optimizer.build(variables)
 
   def _slots(self, var):
-    optimizer = self.optimizer
+    optimizer = self.base_optimizer
     if isinstance(optimizer, keras.optimizers.legacy.Optimizer):
       return [optimizer.get_slot(var, name)
               for name in optimizer.get_slot_names()]
@@ -54,17 +54,18 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
             value[index] is not None]
 
   def _apply(self, grads, variables):
-    self.optimizer.apply_gradients(zip(grads, variables))
+    self.base_optimizer.apply_gradients(zip(grads, variables))
 
   def _track_loss(self, x, y, y_pred, sample_weight, rows):
     del rows
     self.compiled_loss(y, y_pred, sample_weight)
-    return self.compute_metrics(x, y, y_pred, sample_weight)
+    self.compiled_metrics.update_state(y, y_pred, sample_weight)
 
 
 def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
                  expected_batch_size: float, noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1) -> PrivateModel:
+                 augmentation_multiplicity: int = 1,
+                 physical_batch_size: Optional[int] = None) -> PrivateModel:
   """`tdp.make_private` for a `tf_keras` model (see there)."""
   if frontends.of(model).name != "keras2":
     raise TypeError(f"{type(model).__name__} is not a tf_keras model")
@@ -72,4 +73,5 @@ def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
       PrivateModel, model, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity)
+      augmentation_multiplicity=augmentation_multiplicity,
+      physical_batch_size=physical_batch_size)

@@ -6,6 +6,7 @@ from tfdpprune import frontends
 from tfdpprune import private_model
 from tfdpprune.keras3 import masked_update
 from tfdpprune.keras3.compat import keras
+from tfdpprune.keras3.compat import tf
 
 
 @keras.saving.register_keras_serializable(package="tfdpprune")
@@ -20,25 +21,30 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
         aggregation="only_first_replica")
 
   def _check_optimizer(self):
-    masked_update.check(self.optimizer)
-    if not self.optimizer.built:
-      self.optimizer.build(self.model.trainable_variables)
+    optimizer = self.base_optimizer
+    masked_update.check(optimizer)
+    if not optimizer.built:
+      optimizer.build(self.model.trainable_variables)
 
   def _slots(self, var):
-    return masked_update.slots(self.optimizer, var)
+    return masked_update.slots(self.base_optimizer, var)
 
   def _apply(self, grads, variables):
-    self.optimizer.apply(grads, variables)
+    self.base_optimizer.apply(grads, variables)
 
   def _track_loss(self, x, y, y_pred, sample_weight, rows):
+    weight = (tf.cast(tf.size(rows), rows.dtype) if sample_weight is None
+              else tf.reduce_sum(tf.cast(sample_weight, rows.dtype)))
     self._loss_tracker.update_state(
-        keras.ops.mean(rows), sample_weight=keras.ops.shape(rows)[0])
-    return self.compute_metrics(x, y, y_pred, sample_weight)
+        tf.math.divide_no_nan(tf.reduce_sum(rows), weight),
+        sample_weight=weight)
+    self.compute_metrics(x, y, y_pred, sample_weight)
 
 
 def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
                  expected_batch_size: float, noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1) -> PrivateModel:
+                 augmentation_multiplicity: int = 1,
+                 physical_batch_size: Optional[int] = None) -> PrivateModel:
   """`tdp.make_private` for a Keras 3 model (see there)."""
   if frontends.of(model).name != "keras3":
     raise TypeError(f"{type(model).__name__} is not a Keras 3 model")
@@ -46,4 +52,5 @@ def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
       PrivateModel, model, l2_norm_clip=l2_norm_clip,
       noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity)
+      augmentation_multiplicity=augmentation_multiplicity,
+      physical_batch_size=physical_batch_size)

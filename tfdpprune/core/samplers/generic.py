@@ -140,7 +140,9 @@ class GenericSampler(samplers.Sampler):
   def _grads(self, layer, capture, delta, variables):
     """`[B, *var.shape]` per-example gradients for one recorded call."""
     z = capture.outputs
-    deltas = [tf.zeros_like(t) if d is None else d
+    # Cotangents in the outputs' dtype (float16 / bfloat16 under mixed
+    # precision); the gradients of the (float32) variables are float32.
+    deltas = [tf.zeros_like(t) if d is None else tf.cast(d, t.dtype)
               for t, d in zip(tf.nest.flatten(z), tf.nest.flatten(delta))]
     batch = tf.nest.flatten(z)[0].shape[0]
     call = capture.inputs
@@ -154,11 +156,12 @@ class GenericSampler(samplers.Sampler):
       # A batch of two copies with cotangents (delta_i, 0) gives example
       # i's VJP exactly; a batch of one would make pfor emit batch-matmuls
       # with a size-1 batch axis, which crash TF 2.21's oneDNN kernels.
-      return tape.gradient(
+      grads = tape.gradient(
           tf.nest.flatten(out), variables,
           output_gradients=[tf.stack([d, tf.zeros_like(d)])
                             for d in values[n_in:]],
           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      return [tf.cast(g, tf.float32) for g in grads]
 
     with _UnrolledRNNs(layer):
       try:
@@ -170,7 +173,7 @@ class GenericSampler(samplers.Sampler):
             "slower). Give it a dedicated sampler "
             "(tfdpprune.samplers.register_sampler) or freeze it.",
             layer.name, type(layer).__name__, str(e).splitlines()[-1][:200])
-        dtypes = [v.dtype for v in variables]
+        dtypes = [tf.float32] * len(variables)
         return tf.map_fn(one, elems + deltas, fn_output_signature=dtypes)
 
 

@@ -61,7 +61,8 @@ class AffineNormSampler(Sampler):
       reduce_axes = [a for a in range(1, rank) if a not in keep]
       b = tf.shape(delta)[0]
       if "gamma" in masks:
-        g = tf.reduce_sum(capture.inputs * delta, axis=reduce_axes)
+        g = tf.reduce_sum(tf.cast(capture.inputs, delta.dtype) * delta,
+                          axis=reduce_axes)
         g_gamma.append(tf.reshape(g, [b] + list(layer.gamma.shape)))
       if "beta" in masks:
         g = tf.reduce_sum(delta, axis=reduce_axes)
