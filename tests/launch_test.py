@@ -315,3 +315,65 @@ def test_sweep_on_digits_writes_csv_and_plot_and_resumes(tmp_path):
                    "--grid=sparsity=0.5,0.9")
   assert changed.returncode == 1
   assert "different flags" in changed.stderr
+
+
+# -- benchmark_speed: argument handling (no timing) ---------------------------
+
+
+_BENCHMARK_FLAGS_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    from absl import app, flags
+    from launch import benchmark_speed as bs
+    out = {}
+    for argv in json.loads(input()):
+      flags.FLAGS.unparse_flags()
+      flags.FLAGS(["benchmark_speed"] + argv)
+      try:
+        out[" ".join(argv)] = bs.check_flags()
+      except app.UsageError as e:
+        out[" ".join(argv)] = "refused: " + str(e)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["benchmark_speed", "--physical_batch_size=256"])
+    x, y, w = bs.padded_batch(np.ones((3, 2), np.float32),
+                              np.arange(1, 4, dtype=np.int32), 8)
+    out["padded"] = [list(x.shape), y.tolist(), w.tolist(),
+                     float(x[3:].sum())]
+    out["capacity"] = [bs.capacity(8192), bs.capacity(256, multiple=1)]
+    print(json.dumps(out))
+    """)
+
+
+def test_benchmark_speed_modes_flags_and_padding():
+  cases = {
+      "": "default",
+      "--models=all": "models",
+      "--models=all --keras=3 --physical_batch_size=256 --jit_compile "
+      "--mixed_precision=mixed_bfloat16": "models",
+      "--memory_sweep=256,512 --physical_batch_size=256": "sweep",
+      "--xla_compare --models=tutorial_cnn": "xla",
+      "--jit_compile": "refused: --physical_batch_size, --jit_compile",
+      "--mixed_precision=mixed_float16": "refused: --physical_batch_size",
+      "--xla_compare --jit_compile": "refused: --xla_compare times",
+      "--xla_compare --memory_sweep=256": "refused: one mode at a time",
+      "--memory_sweep=256,x": "refused: --memory_sweep=",
+      "--models=all --physical_batch_size=64": "refused: "
+                                               "--physical_batch_size applies",
+      "--xla_compare --physical_batch_size=0": "refused: "
+                                               "--physical_batch_size=0",
+      "--sweep_batch=256": "refused: --sweep_batch needs",
+  }
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(
+      [sys.executable, "-c", _BENCHMARK_FLAGS_SCRIPT], cwd=ROOT, env=env,
+      input=json.dumps([c.split() for c in cases]) + "\n",
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for argv, expected in cases.items():
+    assert out[argv].startswith(expected), (argv, out[argv])
+  assert out["padded"] == [[8, 2], [1, 2, 3, 0, 0, 0, 0, 0],
+                           [1, 1, 1, 0, 0, 0, 0, 0], 0.0]
+  big, small = out["capacity"]
+  assert big % 256 == 0 and 8192 < big <= 8192 + 1024
+  assert 256 < small < 512

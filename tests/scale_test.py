@@ -208,3 +208,61 @@ def test_trainer_physical_batches_and_xla_keep_the_ledger_and_epsilon(
   assert xla["epsilon"] >= plain["epsilon"]
   with pytest.raises(ValueError, match="mixed_precision"):
     TrainConfig(mixed_precision="float8")
+
+
+def _text_model(module):
+  module.utils.set_random_seed(1)
+  tokens = module.Input((6,), dtype="int32")
+  h = module.layers.Embedding(20, 8)(tokens)
+  h = module.layers.Bidirectional(module.layers.LSTM(4, return_sequences=True))(
+      h)
+  h = module.layers.MultiHeadAttention(2, 4)(h, h)
+  h = module.layers.LayerNormalization()(h)
+  h = module.layers.GlobalAveragePooling1D()(h)
+  return module.Model(tokens, module.layers.Dense(3)(h))
+
+
+def _conv_model(module):
+  module.utils.set_random_seed(2)
+  return module.Sequential([
+      module.Input((8, 8, 2)),
+      module.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+      module.layers.DepthwiseConv2D(3, padding="same"),
+      module.layers.GroupNormalization(2),
+      module.layers.Flatten(), module.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("build,x", [
+    (_text_model, np.random.default_rng(0).integers(0, 20, (8, 6))),
+    (_conv_model, np.random.default_rng(0).normal(size=(8, 8, 8, 2)))],
+                         ids=["text", "conv"])
+@pytest.mark.parametrize("path", ["keras3", "keras2_private",
+                                  "keras2_optimizer"])
+def test_xla_step_equals_the_graph_step(build, x, path):
+  """Noiseless (XLA draws other random bits), every sampler family of the
+  model set on the XLA-compiled DP step of each path."""
+  module = keras if path == "keras3" else K2
+  y = np.arange(8) % 3
+  x = x.astype("int32" if x.dtype.kind == "i" else "float32")
+  updates = []
+  for jit in (False, True):
+    model = build(module)
+    start = [v.numpy() for v in model.trainable_variables]
+    if path == "keras2_optimizer":
+      model = tdp.prune(model)
+      model.compile(tdp.MaskedDPKerasSGDOptimizer(
+          0.5, 0.0, learning_rate=1.0, expected_batch_size=8),
+                    K2.losses.SparseCategoricalCrossentropy(
+                        from_logits=True, reduction="none"), jit_compile=jit)
+    else:
+      model = tdp.make_private(model, l2_norm_clip=0.5, noise_multiplier=0.0,
+                               expected_batch_size=8, physical_batch_size=4)
+      model.compile(optimizer=module.optimizers.SGD(1.0),
+                    loss=module.losses.SparseCategoricalCrossentropy(
+                        from_logits=True), jit_compile=jit)
+    model.train_on_batch(x, y)
+    updates.append([v.numpy() - s for v, s in
+                    zip(model.trainable_variables, start)])
+  for a, b in zip(*updates):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert max(float(np.abs(u).max()) for u in updates[1]) > 1e-4

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import stats
 
 from tfdpprune import accounting
+from tfdpprune import frontends
 from tfdpprune import private_training
 from tfdpprune import pruning
 from tfdpprune._compat import keras
@@ -201,7 +202,7 @@ def _keras2_step(noise_multiplier, l2_norm_clip, masked_canary, batch_size,
 def _keras3_step(noise_multiplier, l2_norm_clip, masked_canary, batch_size,
                  dimension, noise_seed, learning_rate):
   """`(step(x, y), kernel)`: a Keras 3 private model's train step."""
-  import keras as keras3  # pylint: disable=g-import-not-at-top
+  keras3 = frontends.keras3().keras
   model = pruning.prune(keras3.Sequential([
       keras3.Input((dimension,)), keras3.layers.Dense(1, use_bias=False)]))
   kernel = model.trainable_variables[0]

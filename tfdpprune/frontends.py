@@ -9,6 +9,7 @@ when a Keras 3 object is seen, and only on the TensorFlow backend.
 
 import dataclasses
 import functools
+import sys
 from typing import Callable
 
 
@@ -72,9 +73,8 @@ def of_class(cls) -> FrontEnd:
   root = _root(cls)
   if root == "tf_keras":
     return keras2()
-  if root == "keras":
-    import keras  # pylint: disable=g-import-not-at-top
-    backend = keras.backend.backend()
+  if root == "keras":  # Keras 3 is imported already: it made `cls`
+    backend = sys.modules["keras"].backend.backend()
     if backend != "tensorflow":
       raise ValueError(
           f"{cls.__name__} is a Keras 3 class on the {backend!r} backend; "
