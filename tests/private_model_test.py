@@ -380,3 +380,25 @@ def test_keras3_resume_with_changed_privacy_flags_is_refused(tmp_path):
                      match="--noise_multiplier: 1.0 in the checkpoint, 2.0"):
     experiment.run(TrainConfig(steps=3, noise_multiplier=2.0, keras=3),
                    workdir, verbose=0)
+
+
+def test_a_saved_private_model_loads_in_a_fresh_process(tmp_path):
+  path = str(tmp_path / "private.keras")
+  private = tdp.make_private(
+      tdp.prune(_mlp(), tdp.PruneConfig(mode="freeze", sparsity=0.5)),
+      l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8)
+  private.compile(optimizer=keras.optimizers.SGD(0.1), loss=_loss())
+  private.train_on_batch(*_data(8))
+  private.save(path)
+  density = tdp.masks.density(private)["overall"]
+  code = ("import keras, tfdpprune as tdp\n"
+          f"m = keras.models.load_model({path!r})\n"
+          "print('LOADED', type(m).__name__, int(m.iterations.numpy()), "
+          "tdp.masks.density(m)['overall'])")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("LOADED")][0]
+  assert line.split()[1:3] == ["PrivateModel", "1"]
+  assert float(line.split()[3]) == pytest.approx(density)

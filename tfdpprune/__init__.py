@@ -49,3 +49,21 @@ __all__ = [
     "poisson_dataset",
 ]
 __version__ = "0.1.0"
+
+
+def _register_front_ends():
+  """Imports both front ends (their classes are registered for `.keras`
+  files, so a model saved with tfdpprune loads after `import tfdpprune`);
+  Keras 3 only on the TensorFlow backend (on another, its entry points are
+  refused with the fix)."""
+  from tfdpprune import frontends  # pylint: disable=g-import-not-at-top
+  frontends.keras2()
+  try:
+    import keras  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if keras.backend.backend() == "tensorflow":
+    frontends.keras3()
+
+
+_register_front_ends()

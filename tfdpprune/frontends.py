@@ -24,12 +24,14 @@ class FrontEnd:
     is_graph_model: whether a model is Sequential or functional (its layers
       can be wrapped one by one).
     clone_model: `(model, clone_function) -> model`, layer by layer.
+    private_class: its private model (`tdp.make_private`).
   """
   name: str
   keras: object
   wrapper_class: type
   is_graph_model: Callable[[object], bool]
   clone_model: Callable
+  private_class: type
 
   def is_model(self, obj) -> bool:
     return isinstance(obj, self.keras.Model)

@@ -28,6 +28,7 @@ from typing import Optional
 from tfdpprune import accounting
 from tfdpprune import data as data_lib
 from tfdpprune import frontends
+from tfdpprune import private_model
 from tfdpprune import pruning
 from tfdpprune._compat import keras
 from tfdpprune._compat import tf
@@ -155,13 +156,9 @@ def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
       grow with B; the mechanism, and epsilon, are those of the unsplit
       step.
   """
-  fe = frontends.of(model)
-  if fe.name == "keras3":
-    from tfdpprune.keras3 import private  # pylint: disable=g-import-not-at-top
-  else:
-    from tfdpprune.keras2 import private  # pylint: disable=g-import-not-at-top
-  return private.make_private(
-      model, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+  return private_model.make_private(
+      frontends.of(model).private_class, model, l2_norm_clip=l2_norm_clip,
+      noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, noise_seed=noise_seed,
       augmentation_multiplicity=augmentation_multiplicity,
       physical_batch_size=physical_batch_size)

@@ -3,6 +3,7 @@
 from tfdpprune import frontends
 from tfdpprune.keras2 import samplers  # pylint: disable=unused-import  (registers)
 from tfdpprune.keras2.compat import keras
+from tfdpprune.keras2.private import PrivateModel
 from tfdpprune.keras2.wrapper import PruneWrapper
 
 
@@ -16,4 +17,4 @@ def _clone(model, clone_function):
 
 
 FRONT_END = frontends.FrontEnd("keras2", keras, PruneWrapper, _is_graph_model,
-                               _clone)
+                               _clone, PrivateModel)

@@ -7,9 +7,6 @@ Privacy optimizer subclasses (`tdp.MaskedDPKerasSGDOptimizer`, ...) remain the
 noised twice).
 """
 
-from typing import Optional
-
-from tfdpprune import frontends
 from tfdpprune import private_model
 from tfdpprune.keras2 import dp_gradients
 from tfdpprune.keras2.compat import keras
@@ -60,18 +57,3 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
     del rows
     self.compiled_loss(y, y_pred, sample_weight)
     self.compiled_metrics.update_state(y, y_pred, sample_weight)
-
-
-def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
-                 expected_batch_size: float, noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1,
-                 physical_batch_size: Optional[int] = None) -> PrivateModel:
-  """`tdp.make_private` for a `tf_keras` model (see there)."""
-  if frontends.of(model).name != "keras2":
-    raise TypeError(f"{type(model).__name__} is not a tf_keras model")
-  return private_model.make_private(
-      PrivateModel, model, l2_norm_clip=l2_norm_clip,
-      noise_multiplier=noise_multiplier,
-      expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity,
-      physical_batch_size=physical_batch_size)

@@ -4,6 +4,7 @@ from tfdpprune import frontends
 from tfdpprune.keras3 import samplers  # pylint: disable=unused-import  (registers)
 from tfdpprune.keras3.compat import Functional
 from tfdpprune.keras3.compat import keras
+from tfdpprune.keras3.private import PrivateModel
 from tfdpprune.keras3.wrapper import PruneWrapper
 
 
@@ -16,4 +17,4 @@ def _clone(model, clone_function):
 
 
 FRONT_END = frontends.FrontEnd("keras3", keras, PruneWrapper, _is_graph_model,
-                               _clone)
+                               _clone, PrivateModel)

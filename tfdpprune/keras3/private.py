@@ -1,8 +1,5 @@
 """The Keras 3 private model (`tdp.make_private` on a Keras 3 model)."""
 
-from typing import Optional
-
-from tfdpprune import frontends
 from tfdpprune import private_model
 from tfdpprune.keras3 import masked_update
 from tfdpprune.keras3.compat import keras
@@ -39,18 +36,3 @@ class PrivateModel(private_model.PrivateModelMixin, keras.Model):
         tf.math.divide_no_nan(tf.reduce_sum(rows), weight),
         sample_weight=weight)
     self.compute_metrics(x, y, y_pred, sample_weight)
-
-
-def make_private(model, *, l2_norm_clip: float, noise_multiplier: float,
-                 expected_batch_size: float, noise_seed: Optional[int] = None,
-                 augmentation_multiplicity: int = 1,
-                 physical_batch_size: Optional[int] = None) -> PrivateModel:
-  """`tdp.make_private` for a Keras 3 model (see there)."""
-  if frontends.of(model).name != "keras3":
-    raise TypeError(f"{type(model).__name__} is not a Keras 3 model")
-  return private_model.make_private(
-      PrivateModel, model, l2_norm_clip=l2_norm_clip,
-      noise_multiplier=noise_multiplier,
-      expected_batch_size=expected_batch_size, noise_seed=noise_seed,
-      augmentation_multiplicity=augmentation_multiplicity,
-      physical_batch_size=physical_batch_size)

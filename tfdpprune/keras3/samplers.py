@@ -1,32 +1,7 @@
 """The samplers of Keras 3 layer classes (one registration per class)."""
 
 from tfdpprune.core import samplers
-from tfdpprune.core.samplers import attention
-from tfdpprune.core.samplers import conv
-from tfdpprune.core.samplers import dense
-from tfdpprune.core.samplers import embedding
-from tfdpprune.core.samplers import normalization
-from tfdpprune.core.samplers import recurrent
 from tfdpprune.keras3.compat import keras
 from tfdpprune.keras3.compat import rnn
 
-_layers = keras.layers
-for _cls, _sampler in [
-    (_layers.Dense, dense.DenseSampler()),
-    (_layers.Conv2D, dense.Conv2DSampler()),
-    (_layers.Conv1D, dense.Conv1DSampler()),
-    (_layers.DepthwiseConv2D, dense.DepthwiseConv2DSampler()),
-    (_layers.Embedding, embedding.EmbeddingSampler()),
-    (_layers.LayerNormalization, normalization.AffineNormSampler()),
-    (_layers.GroupNormalization, normalization.AffineNormSampler()),
-    (_layers.Conv3D, conv.Conv3DSampler()),
-    (_layers.SeparableConv2D, conv.SeparableConv2DSampler()),
-    (_layers.Conv2DTranspose, conv.Conv2DTransposeSampler()),
-    (_layers.EinsumDense, attention.EinsumDenseSampler()),
-    (_layers.MultiHeadAttention, attention.MultiHeadAttentionSampler()),
-    (_layers.LSTM, recurrent.RecurrentSampler(rnn)),
-    (_layers.GRU, recurrent.RecurrentSampler(rnn)),
-    (_layers.SimpleRNN, recurrent.RecurrentSampler(rnn)),
-    (_layers.Bidirectional, recurrent.BidirectionalSampler(rnn)),
-]:
-  samplers.register_sampler(_cls, _sampler)
+samplers.register_keras_layers(keras.layers, rnn)

@@ -87,3 +87,41 @@ def sampler_for(layer) -> Optional[Sampler]:
     if type(layer) is cls:  # pylint: disable=unidiomatic-typecheck
       return sampler
   return None
+
+
+def register_keras_layers(layers, rnn) -> None:
+  """Registers the samplers of one Keras' built-in layer classes.
+
+  Args:
+    layers: that Keras' `keras.layers` module (duck-typed: the core imports
+      no Keras).
+    rnn: that Keras' `backend.rnn` loop, for the recurrent samplers (the
+      exact semantics of its own recurrent layers).
+  """
+  # pylint: disable=g-import-not-at-top
+  from tfdpprune.core.samplers import attention
+  from tfdpprune.core.samplers import conv
+  from tfdpprune.core.samplers import dense
+  from tfdpprune.core.samplers import embedding
+  from tfdpprune.core.samplers import normalization
+  from tfdpprune.core.samplers import recurrent
+  # pylint: enable=g-import-not-at-top
+  for cls, sampler in [
+      (layers.Dense, dense.DenseSampler()),
+      (layers.Conv2D, dense.Conv2DSampler()),
+      (layers.Conv1D, dense.Conv1DSampler()),
+      (layers.DepthwiseConv2D, dense.DepthwiseConv2DSampler()),
+      (layers.Embedding, embedding.EmbeddingSampler()),
+      (layers.LayerNormalization, normalization.AffineNormSampler()),
+      (layers.GroupNormalization, normalization.AffineNormSampler()),
+      (layers.Conv3D, conv.Conv3DSampler()),
+      (layers.SeparableConv2D, conv.SeparableConv2DSampler()),
+      (layers.Conv2DTranspose, conv.Conv2DTransposeSampler()),
+      (layers.EinsumDense, attention.EinsumDenseSampler()),
+      (layers.MultiHeadAttention, attention.MultiHeadAttentionSampler()),
+      (layers.LSTM, recurrent.RecurrentSampler(rnn)),
+      (layers.GRU, recurrent.RecurrentSampler(rnn)),
+      (layers.SimpleRNN, recurrent.RecurrentSampler(rnn)),
+      (layers.Bidirectional, recurrent.BidirectionalSampler(rnn)),
+  ]:
+    register_sampler(cls, sampler)
