@@ -11,6 +11,42 @@ Command (from the repo root; about 4 minutes on 2 CPU cores):
   # model-set mode, ten everyday models (about 2 minutes per Keras):
   python -m launch.benchmark_speed --models=all --batch_size=128 \
       --steps=15 --warmup=2 --keras=2   # or --keras=3, --keras=both
+  # ... the same with P, XLA and a dtype policy (Keras 3):
+  python -m launch.benchmark_speed --models=all --batch_size=128 \
+      --steps=15 --warmup=2 --keras=3 --physical_batch_size=64 \
+      --jit_compile --mixed_precision=mixed_bfloat16
+
+  # memory mode: peak memory vs logical batch size at P = 256 and unsplit
+  # (1 min 42 s on 2 CPUs):
+  python -m launch.benchmark_speed \
+      --memory_sweep=256,512,1024,2048,4096,8192 --physical_batch_size=256
+
+  # XLA mode: jit_compile=True vs False per Keras 3 model (about 5 min on
+  # 2 CPUs):
+  python -m launch.benchmark_speed --xla_compare --models=all \
+      --batch_size=128 --steps=8 --warmup=1
+
+GPU section (not run here: no numbers for a GPU are claimed in this file).
+  On a GPU the memory that matters is the device's: the sweep then also
+  reports "GPU peak MB" (tf.config.experimental.get_memory_info("GPU:0")
+  ["peak"], reset before the model is built); RSS stays a host figure.
+
+  python -m launch.benchmark_speed \
+      --memory_sweep=1024,2048,4096,8192,16384 --physical_batch_size=1024 \
+      --jit_compile --mixed_precision=mixed_bfloat16
+  python -m launch.benchmark_speed --memory_sweep=1024,2048,4096,8192,16384 \
+      --physical_batch_size=1024 --memory_model=keras_io_convnet \
+      --jit_compile --mixed_precision=mixed_bfloat16
+  python -m launch.benchmark_speed --xla_compare --models=all \
+      --batch_size=1024 --steps=15 --warmup=2 --physical_batch_size=256 \
+      --mixed_precision=mixed_bfloat16
+  python -m launch.benchmark_speed --models=all --keras=3 --batch_size=1024 \
+      --steps=15 --warmup=2 --jit_compile --mixed_precision=mixed_bfloat16
+  # float16 (fixed loss scale FLOAT16_LOSS_SCALE in the private model):
+  #   the same with --mixed_precision=mixed_float16. Under XLA the library
+  #   keeps Conv2D on the patches path (the depthwise-op path is quadratic
+  #   in B on XLA:CPU, see the results); without XLA, compare both paths on
+  #   a GPU with --conv2d_depthwise_max_channels=0.
 
 What is measured
   The TF Privacy tutorial CNN (Conv2D(16, 8, s2, same, relu) -> MaxPool(2, 1)
@@ -70,6 +106,56 @@ Model-set mode (--models): the ten builders below (MODELS), each timed
   same optimizer and loss. One row per model: the DP step's ratio to sgd
   (median [IQR]), both median step times, and the samplers of its wrapped
   layers (tdp.pruning.report); no memory measurement.
+  --physical_batch_size=P goes to tdp.make_private (Keras 3 only; refused
+  with --keras=2, whose tdp_nomask is the optimizer path). --jit_compile
+  compiles both methods with jit_compile=True and feeds both the batch
+  padded to a static capacity (see below); without it jit_compile=False is
+  passed explicitly (Keras 3's default "auto" would pick XLA on a GPU).
+  --mixed_precision sets the global dtype policy of both Kerases before
+  the models are built.
+
+Static padded batches: capacity = tdp.accounting.poisson_capacity(
+  --num_examples (60000), B / N, multiple=P or 1), the smallest multiple of
+  P that a Poisson batch exceeds with probability < 1e-12; the batch is
+  padded with zero rows of weight 0 to that many rows and fed as (x, y, w),
+  as tdp.poisson_dataset(..., pad_to=capacity) yields it (a padding row is
+  computed but contributes nothing). With P | capacity every chunk has a
+  static shape, so XLA compiles the chunk loop once.
+
+Memory mode (--memory_sweep=B1,B2,...): for each logical batch size B, a
+  subprocess (--sweep_batch=B, internal) builds the Keras 3 private
+  --memory_model (default tutorial_cnn, 28x28x1) with
+  tdp.make_private(..., expected_batch_size=B, physical_batch_size=P) (P =
+  --physical_batch_size, default 256), compiled like tdp_private above
+  (--jit_compile, --mixed_precision apply), and runs 1 + --memory_steps DP
+  steps of `model.train_function` on tdp.poisson_dataset(x, y, B,
+  seed=--seed, pad_to=capacity) over N = --num_examples synthetic examples
+  (N(0, 1) images; MNIST test if N <= 10000). A second subprocess does the
+  same unsplit (physical_batch_size=None) on the same padded rows
+  (--nosweep_unsplit skips it). --sweep_input=fixed feeds one batch of B
+  examples padded to capacity, repeated, instead. Per cell: peak RSS
+  (VmHWM) and "+MB", its increase over the baseline taken after TensorFlow
+  and the N examples are loaded and just before the model is built, with
+  the high-water mark
+  reset there ("5" to /proc/self/clear_refs, so the transient of making the
+  data does not hide growth); "input batch MB" is one padded batch (x, y,
+  w), which is part of the +MB; "step ms" is the median of the steps after
+  the first (a rough figure: one process, few steps, no alternation).
+
+XLA mode (--xla_compare; --models, default all, Keras 3): per model, two
+  copies of tdp_private (P = --physical_batch_size; --xla_method=sgd: of
+  the non-private Keras 3 model instead) compiled with
+  jit_compile=False ("graph", tf.function) and True ("xla"), on one batch of
+  --batch_size padded to capacity, warmed up (tracing and XLA compilation
+  excluded; "warm-up s" shows them) and timed in alternating rounds as
+  above; the ratio is XLA step / graph step (median [IQR]) against the
+  graph steps of the rounds within +-2. "traces a+b": traces of the train
+  step in warm-up + after it (b > 0 would be a retrace every step; the
+  run logs an error then). The train step's traces are counted by wrapping
+  `model.train_step` before `make_train_function`.
+
+The device is printed first (tf.config.list_physical_devices() and any
+GPU's name).
 
 Targets (from the issue), step-time ratio to non-private SGD:
   (a) tdp_nomask <= 2.0x, (b) tdp_random90 <= 2.5x, (c) tdp_lastlayer <= 1.3x.
@@ -89,12 +175,73 @@ default flags, 3 min 18 s in all):
   (a) and (b) are missed: about 10 ms of the ~19 ms step is
   `tf.image.extract_patches` for the two Conv2D layers (a step with free
   patches runs at 1.24x / 1.53x).
+
+Memory mode (2 CPUs, TF 2.21.0, Keras 3.15.1, no GPU; the command above,
+1 min 42 s): peak RSS of 3 + 1 DP steps, tutorial CNN, P = 256:
+
+  | logical B | padded rows | input batch MB | P=256 peak MB | P=256 +MB | unsplit peak MB | unsplit +MB |
+  |---|---|---|---|---|---|---|
+  |  256 |  512 |  1.5 | 1322 | 114 | 1322 |  115 |
+  |  512 |  768 |  2.3 | 1323 | 115 | 1342 |  135 |
+  | 1024 | 1280 |  3.8 | 1338 | 131 | 1396 |  188 |
+  | 2048 | 2560 |  7.7 | 1323 | 116 | 1739 |  532 |
+  | 4096 | 4608 | 13.8 | 1339 | 131 | 2228 | 1020 |
+  | 8192 | 8960 | 26.9 | 1402 | 195 | 3276 | 2068 |
+
+  At P = 256 the increase stays at 114-131 MB up to B = 4096 and is 195 MB
+  at 8192 (+81 MB for 32x the examples); unsplit it grows about linearly
+  (~0.24 MB per padded row). What grows at fixed P is the input, not the
+  step: tdp.poisson_dataset ends in prefetch(tf.data.AUTOTUNE), which holds
+  up to several future padded batches while a slow step runs. Between
+  B = 4096 and 16384 (+40 MB per padded batch) the P = 256 increase grows
+  by 61 MB with 1 + 1 steps, 226 MB with 3 + 1 and 243 MB with 8 + 1
+  (--memory_steps), while a longer run at one B (2048: 3 + 1 vs 12 + 1
+  steps) stays at 130 MB. Cells vary by tens of MB between runs at
+  B >= 4096 (8192: 186-272 MB over four runs). The same sweep with
+  --jit_compile (3 min): P = 256 stays at 304-360 MB, unsplit grows from
+  356 to 2581 MB.
+
+XLA mode (2 CPUs; the command above, batch 128 padded to 215 rows; the
+three Conv2D rows measured after the fix below, --models=tutorial_cnn,
+keras_io_convnet,resnet_groupnorm_block, 59 s):
+
+  | model | XLA step / graph step (median [IQR]) | graph ms | XLA ms | warm-up s graph / XLA | traces graph / XLA |
+  |---|---|---|---|---|---|
+  | tutorial_cnn | 2.11x [1.99, 2.25] | 13.0 | 28.7 | 1 / 4 | 2+0 / 2+0 |
+  | keras_io_convnet | 3.78x [3.64, 6.44] | 41.2 | 150.7 | 1 / 4 | 2+0 / 2+0 |
+  | embedding_pooling | 2.84x [2.77, 2.92] | 58.5 | 169.8 | 1 / 3 | 2+0 / 2+0 |
+  | embedding_conv1d | 3.36x [3.29, 3.40] | 142.4 | 478.9 | 1 / 3 | 2+0 / 2+0 |
+  | resnet_groupnorm_block | 0.79x [0.79, 0.80] | 566.6 | 450.1 | 2 / 4 | 2+0 / 2+0 |
+  | bilstm_text | 2.95x [2.82, 3.02] | 1245.7 | 3814.7 | 4 / 24 | 2+0 / 2+0 |
+  | transformer_block | 1.20x [1.19, 1.21] | 189.4 | 226.0 | 3 / 8 | 2+0 / 2+0 |
+  | gru_text | 4.56x [4.22, 4.83] | 422.9 | 1957.2 | 2 / 41 | 2+0 / 2+0 |
+  | separable_convnet | 4.02x [3.00, 4.30] | 30.0 | 119.9 | 2 / 6 | 2+0 / 2+0 |
+  | conv3d_net | 2.46x [2.38, 2.55] | 31.0 | 78.1 | 1 / 5 | 2+0 / 2+0 |
+
+  No retrace anywhere (also with --physical_batch_size=64). On CPU XLA is
+  slower for most models; for the non-private model (--xla_method=sgd) it
+  is 0.53x-8.59x (tutorial_cnn 2.85x, conv3d_net 8.59x). The three Conv2D
+  models were pathological before the fix (345x, 61x, 112x): a Conv2D with
+  <= 3 input channels took every example's kernel gradient from one
+  `depthwise_conv2d_native_backprop_filter` over B*Cin channels
+  (tfdpprune/core/samplers/dense.py, `_conv2d_per_example_kernels`), which
+  XLA lowers to a convolution with batch_group_count = B*Cin that XLA:CPU
+  rewrites into an ungrouped convolution over a B*Cin-dilated extra
+  dimension: time grows as B^2 (the op alone: 1.6 s at B = 64, 21 s at 256,
+  72 s at 512, vs 4-20 ms in graph mode). The sampler now takes the
+  patches path inside an XLA context (`core._tf.in_xla_context`). With
+  --physical_batch_size=64 as well
+  (256 rows, 4 chunks; 4 min) every model runs, no retrace, at 1.22x
+  (transformer_block) to 4.97x (resnet_groupnorm_block, whose XLA step is
+  2.55 s even for one chunk of 256 rows at P = 256 vs 0.23 s unsplit:
+  XLA:CPU runs the chunk loop's body slowly there).
 """
 
 import gzip
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -161,6 +308,58 @@ flags.DEFINE_enum("keras", "2", ["2", "3", "both"], "Model-set mode: the "
                   "Keras of the models: 2 (tf_keras; DP: tdp.prune + the DP "
                   "optimizer), 3 (Keras 3; DP: tdp.make_private) or both (a "
                   "table each).")
+flags.DEFINE_integer("physical_batch_size", None, "P for the DP method that "
+                     "goes through tdp.make_private (Keras 3 tdp_private): "
+                     "each logical batch in chunks of at most P examples. "
+                     "Model-set, --xla_compare and --memory_sweep modes "
+                     "(the sweep's default: 256).")
+flags.DEFINE_bool("jit_compile", False, "Compile with jit_compile=True (XLA) "
+                  "on static padded batches (capacity rows from "
+                  "accounting.poisson_capacity(--num_examples, B/N, "
+                  "multiple=P), weight 0 on padding). Model-set and "
+                  "--memory_sweep modes; False is passed explicitly (Keras "
+                  "3's 'auto' would pick XLA on a GPU).")
+flags.DEFINE_enum("mixed_precision", "none",
+                  ["none", "mixed_bfloat16", "mixed_float16"],
+                  "Global dtype policy of both Kerases, set before any model "
+                  "is built. Model-set, --xla_compare and --memory_sweep "
+                  "modes.")
+flags.DEFINE_list("memory_sweep", None, "Memory mode: logical batch sizes B "
+                  "(e.g. 256,512,1024,2048,4096,8192); for each, the peak "
+                  "memory of a few DP steps of the Keras 3 private "
+                  "--memory_model on Poisson batches padded to capacity, at "
+                  "P = --physical_batch_size and unsplit, each in its own "
+                  "subprocess.")
+flags.DEFINE_string("memory_model", "tutorial_cnn", "--memory_sweep's model "
+                    "(a key of MODELS).")
+flags.DEFINE_enum("sweep_input", "poisson", ["poisson", "fixed"],
+                  "--memory_sweep's input: tdp.poisson_dataset(..., pad_to="
+                  "capacity) over --num_examples examples (tf.data may hold "
+                  "several batches), or one fixed batch of B examples padded "
+                  "to capacity, repeated (exactly one batch in memory).")
+flags.DEFINE_bool("sweep_unsplit", True, "--memory_sweep: also the rows "
+                  "without physical batches.")
+flags.DEFINE_bool("xla_compare", False, "XLA mode: step time of the Keras 3 "
+                  "private model (tdp_private, P = --physical_batch_size) "
+                  "compiled with jit_compile=True vs False, alternating "
+                  "steps in one process, on the same static padded batch; "
+                  "one row per model of --models (default all).")
+flags.DEFINE_enum("xla_method", "tdp_private", ["tdp_private", "sgd"],
+                  "--xla_compare: the Keras 3 method compared (sgd: the "
+                  "non-private model, XLA's own effect on this machine).")
+flags.DEFINE_integer("num_examples", 60000, "N of q = B/N for the Poisson "
+                     "batches and the padded capacity (poisson_capacity, "
+                     "tail 1e-12).")
+flags.DEFINE_integer("conv2d_depthwise_max_channels", None, "Diagnostic: "
+                     "overrides tfdpprune's Conv2DSampler."
+                     "DEPTHWISE_MAX_CHANNELS (3; 0 sends every Conv2D to the "
+                     "patches path instead of the one depthwise "
+                     "filter-gradient op, which XLA:CPU runs in time "
+                     "quadratic in the batch).")
+flags.DEFINE_integer("sweep_batch", None, "Internal: one --memory_sweep "
+                     "point, logical batch B (prints JSON).")
+flags.DEFINE_integer("sweep_capacity", None, "Internal: the padded rows of "
+                     "the --sweep_batch point.")
 
 
 # -- data and model -----------------------------------------------------------
@@ -397,17 +596,22 @@ def _ours(**kwargs):
                                        momentum=0.9, **kwargs)
 
 
-def build_method(name, base, seed):
+def build_method(name, base, seed, jit_compile=False,
+                 physical_batch_size=None, expected_batch_size=None):
   """A compiled model of method `name`, on a copy of `base` (a Keras 3
-  `base`: sgd or tdp_private)."""
+  `base`: sgd or tdp_private, the latter with `physical_batch_size`).
+  `jit_compile` is passed to `compile` (explicitly False on Keras 3, whose
+  default "auto" means XLA on a GPU)."""
   model = _copy(base)
   front_end = frontends.of(base)
   if front_end.name == "keras3":
     if name == "tdp_private":
-      model = tdp.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1,
-                               expected_batch_size=_FLAGS.batch_size)
+      model = tdp.make_private(
+          model, l2_norm_clip=1.0, noise_multiplier=1.1,
+          expected_batch_size=expected_batch_size or _FLAGS.batch_size,
+          physical_batch_size=physical_batch_size)
     model.compile(optimizer=front_end.keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss=_xent(front_end.keras))
+                  loss=_xent(front_end.keras), jit_compile=bool(jit_compile))
     return model
   loss = _per_example_xent()
   if name == "sgd":
@@ -448,18 +652,33 @@ def build_method(name, base, seed):
     optimizer = _ours()
   else:
     raise ValueError(f"unknown method {name!r}; known: {ALL_METHODS}")
-  model.compile(optimizer=optimizer, loss=loss)
+  model.compile(optimizer=optimizer, loss=loss,
+                **({"jit_compile": True} if jit_compile else {}))
   return model
 
 
 class Stepper:
-  """One method's model and `fit`-style train function over a fixed batch."""
+  """One method's model and `fit`-style train function over a fixed batch
+  (`data`: `(x, y)` or padded `(x, y, w)`), or over `dataset`'s batches.
 
-  def __init__(self, name, base, x, y, seed):
+  `traces` counts the traces of the train step (its Python body runs once
+  per trace): constant after warm-up unless every step retraces.
+  """
+
+  def __init__(self, name, base, data, seed, dataset=None, **build_kwargs):
     self.name = name
-    self.model = build_method(name, base, seed)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    self.model = build_method(name, base, seed, **build_kwargs)
+    if dataset is None:
+      dataset = tf.data.Dataset.from_tensors(tuple(data)).repeat()
     self._iterator = iter(dataset)
+    self.traces = 0
+    train_step = self.model.train_step
+
+    def counted_train_step(batch):
+      self.traces += 1
+      return train_step(batch)
+    # Outside Keras' attribute tracking; read when the function is made.
+    object.__setattr__(self.model, "train_step", counted_train_step)
     self.model.make_train_function()  # Keras 3's returns None
     self._train_function = self.model.train_function
     self.times = []   # seconds of the timed steps
@@ -485,17 +704,25 @@ def _slow_rounds(rounds, steps):
   return {int((i + 0.5) * rounds / steps) for i in range(steps)}
 
 
-def run_timing(methods, base, x, y):
-  """Warms up every method, then times them round-robin. Returns steppers."""
+def run_timing(methods, make_stepper):
+  """Warms up every method (`make_stepper(name)` builds its Stepper), then
+  times them round-robin. Returns steppers; each has `warmup_s` (build,
+  tracing/compilation and warm-up steps) and `warmup_traces`."""
   steppers = {}
   for name in methods:
     start = time.perf_counter()
-    steppers[name] = Stepper(name, base, x, y, _FLAGS.seed)
     warmup = _FLAGS.slow_warmup if name in SLOW_METHODS else _FLAGS.warmup
-    for _ in range(max(1, warmup)):
-      steppers[name].step()
+    try:
+      steppers[name] = make_stepper(name)
+      for _ in range(max(1, warmup)):
+        steppers[name].step()
+    except Exception as e:  # pylint: disable=broad-except
+      e.benchmark_method = name  # for the table's "failed" row
+      raise
+    steppers[name].warmup_s = time.perf_counter() - start
+    steppers[name].warmup_traces = steppers[name].traces
     logging.info("%s: built and warmed up in %.1f s", name,
-                 time.perf_counter() - start)
+                 steppers[name].warmup_s)
 
   rounds = _FLAGS.steps
   slow_at = _slow_rounds(rounds, _FLAGS.slow_steps)
@@ -513,9 +740,10 @@ def run_timing(methods, base, x, y):
   return steppers
 
 
-def summarize(steppers):
-  """Per method: median ratio to the local sgd median, IQR, median ms."""
-  sgd = np.array(steppers["sgd"].times)
+def summarize(steppers, reference="sgd"):
+  """Per method: median ratio to the local `reference` median, IQR, median
+  ms."""
+  sgd = np.array(steppers[reference].times)
   out = {}
   for name, s in steppers.items():
     ratios = []
@@ -557,7 +785,7 @@ def _peak_rss_mb():
 def measure_memory_here(name, base, x, y):
   """Peak RSS of building and stepping `name` in this (fresh) process."""
   before = _peak_rss_mb()
-  stepper = Stepper(name, base, x, y, _FLAGS.seed)
+  stepper = Stepper(name, base, (x, y), _FLAGS.seed)
   for _ in range(1 + _FLAGS.memory_steps):
     stepper.step()
   peak = _peak_rss_mb()
@@ -567,20 +795,11 @@ def measure_memory_here(name, base, x, y):
 
 def measure_memory_subprocess(name):
   """Runs `--memory_only=name` in a subprocess; its memory dict."""
-  argv = [sys.executable, "-m", "launch.benchmark_speed",
-          f"--memory_only={name}", f"--batch_size={_FLAGS.batch_size}",
-          f"--memory_steps={_FLAGS.memory_steps}", f"--seed={_FLAGS.seed}",
-          f"--mnist_dir={_FLAGS.mnist_dir}"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run(argv, cwd=root, env=env, capture_output=True,
-                        text=True, check=False)
-  for line in done.stdout.splitlines():
-    if line.startswith(_MEMORY_TAG):
-      return json.loads(line[len(_MEMORY_TAG):])
-  logging.error("memory subprocess for %s failed (exit %d):\n%s", name,
-                done.returncode, done.stderr[-3000:])
-  return dict(peak_rss_mb=None, rss_before_mb=None, rss_increase_mb=None)
+  return _run_tagged(
+      [f"--memory_only={name}", f"--batch_size={_FLAGS.batch_size}",
+       f"--memory_steps={_FLAGS.memory_steps}", f"--seed={_FLAGS.seed}",
+       f"--mnist_dir={_FLAGS.mnist_dir}"], name) or dict(
+           peak_rss_mb=None, rss_before_mb=None, rss_increase_mb=None)
 
 
 # -- report -----------------------------------------------------------------
@@ -625,21 +844,301 @@ def markdown_table(results, memory):
         f"{verdict} |")
   return "\n".join(rows)
 
+# -- devices, precision, padded batches --------------------------------------
+
+
+def device_summary():
+  """What TensorFlow sees: its physical devices and any GPU's name."""
+  devices = tf.config.list_physical_devices()
+  text = "devices: " + ", ".join(f"{d.name} ({d.device_type})"
+                                 for d in devices)
+  for gpu in tf.config.list_physical_devices("GPU"):
+    details = tf.config.experimental.get_device_details(gpu)
+    text += (f"; {gpu.name}: {details.get('device_name', '?')} (compute "
+             f"capability {details.get('compute_capability', '?')})")
+  if not tf.config.list_physical_devices("GPU"):
+    text += "; no GPU"
+  return text
+
+
+def set_precision(policy):
+  """The global dtype policy of both Kerases (before any model is built)."""
+  import keras as keras3  # pylint: disable=g-import-not-at-top
+  name = "float32" if policy == "none" else policy
+  keras3.mixed_precision.set_global_policy(name)
+  keras.mixed_precision.set_global_policy(name)
+
+
+def settings(physical_batch_size):
+  """One line: P, XLA and the dtype policy of a table."""
+  return (f"batch {_FLAGS.batch_size}, physical_batch_size="
+          f"{physical_batch_size}, jit_compile={_FLAGS.jit_compile}"
+          + (f" (padded to {capacity(_FLAGS.batch_size)} rows)"
+             if _FLAGS.jit_compile else "")
+          + f", mixed_precision={_FLAGS.mixed_precision}" + _override_note())
+
+
+def _override_note():
+  value = _FLAGS.conv2d_depthwise_max_channels
+  return ("" if value is None else
+          f", Conv2DSampler.DEPTHWISE_MAX_CHANNELS={value} (diagnostic)")
+
+
+def capacity(batch_size, multiple=None):
+  """The padded rows of a Poisson batch of expected size `batch_size` from
+  --num_examples examples (tail 1e-12), a multiple of `multiple` (default:
+  --physical_batch_size or 1)."""
+  n = _FLAGS.num_examples
+  if not 1 <= batch_size <= n:
+    raise app.UsageError(f"batch size {batch_size} must be in [1, "
+                         f"--num_examples={n}]")
+  return tdp.accounting.poisson_capacity(
+      n, batch_size / n, multiple=multiple or _FLAGS.physical_batch_size or 1)
+
+
+def padded_batch(x, y, rows):
+  """`(x, y, w)`: the batch padded with zero rows to `rows`, weight 1 on
+  its examples and 0 on padding (what `tdp.poisson_dataset(pad_to=rows)`
+  yields)."""
+  pad = rows - len(y)
+  def grow(a):
+    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+  w = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+  return grow(x), grow(y), w
+
+
+def _first_line(error):
+  """A short reason for a table cell: the method, and the op XLA lacks or
+  the error's first line."""
+  text = str(error)
+  match = re.search(r"No registered '(\w+)' OpKernel for (\w+)", text)
+  if match:
+    reason = f"no {match.group(2)} kernel for {match.group(1)}"
+  else:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    reason = lines[0] if lines else ""
+  method = getattr(error, "benchmark_method", None)
+  return ((f"{method}: " if method else "") +
+          f"{type(error).__name__}: {reason}")[:200].replace("|", "/")
+
+
+def _check_traces(name, steppers):
+  """Logs an error if a method's train step was traced again after warm-up
+  (a retrace every step)."""
+  for method, s in steppers.items():
+    if s.traces != s.warmup_traces:
+      logging.error("%s/%s: the train step was traced %d times after "
+                    "warm-up (%d in warm-up): it retraces", name, method,
+                    s.traces - s.warmup_traces, s.warmup_traces)
+
+
+# -- memory sweep ------------------------------------------------------------
+
+
+def _reset_peak_rss():
+  """Resets this process's `VmHWM` to its current RSS (Linux >= 4.0: "5" to
+  /proc/self/clear_refs), so that transient allocations before (making the
+  data) do not hide the growth after; False where unsupported."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _gpu_peak_mb():
+  if not tf.config.list_physical_devices("GPU"):
+    return None
+  return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def measure_sweep_point_here(batch_size, rows):
+  """Peak memory of a few DP steps of the Keras 3 private --memory_model at
+  logical batch `batch_size` (Poisson, padded to `rows`), in this (fresh)
+  process. The baseline is taken after TensorFlow and the N examples are
+  loaded, before the model is built, with the RSS high-water mark reset
+  there (`_reset_peak_rss`)."""
+  keras3 = keras_module("3")
+  builder, kind = MODELS[_FLAGS.memory_model]
+  steps = 1 + _FLAGS.memory_steps
+  if _FLAGS.sweep_input == "fixed":
+    x_all, y_all = model_batch(kind, batch_size, _FLAGS.seed)
+    data, dataset = padded_batch(x_all, y_all, rows), None
+  else:
+    x_all, y_all = model_batch(kind, _FLAGS.num_examples, _FLAGS.seed)
+    data, dataset = None, tdp.poisson_dataset(
+        x_all, y_all, batch_size, steps=steps, seed=_FLAGS.seed, pad_to=rows)
+  row_bytes = (x_all[0].nbytes + y_all[0].nbytes + 4)
+  reset = _reset_peak_rss()
+  before = _peak_rss_mb()
+  if tf.config.list_physical_devices("GPU"):
+    tf.config.experimental.reset_memory_stats("GPU:0")
+  base = builder(keras3, _FLAGS.seed)
+  stepper = Stepper("tdp_private", base, data, _FLAGS.seed, dataset=dataset,
+                    jit_compile=_FLAGS.jit_compile,
+                    physical_batch_size=_FLAGS.physical_batch_size,
+                    expected_batch_size=batch_size)
+  times = [stepper.step() for _ in range(steps)]
+  peak = _peak_rss_mb()
+  return dict(batch_size=batch_size, physical_batch_size=(
+      _FLAGS.physical_batch_size), rows=rows, input_batch_mb=(
+          rows * row_bytes / 2**20), peak_rss_mb=peak, rss_before_mb=before,
+              rss_increase_mb=peak - before, gpu_peak_mb=_gpu_peak_mb(),
+              first_step_s=times[0], step_ms=1e3 * float(np.median(times[1:])),
+              traces=stepper.traces, peak_reset=reset,
+              jit_compile=bool(stepper.model.jit_compile))
+
+
+def _passthrough_flags():
+  return [f"--memory_steps={_FLAGS.memory_steps}", f"--seed={_FLAGS.seed}",
+          f"--mnist_dir={_FLAGS.mnist_dir}",
+          f"--num_examples={_FLAGS.num_examples}",
+          f"--memory_model={_FLAGS.memory_model}",
+          f"--sweep_input={_FLAGS.sweep_input}",
+          f"--jit_compile={_FLAGS.jit_compile}",
+          f"--mixed_precision={_FLAGS.mixed_precision}"] + (
+              [] if _FLAGS.conv2d_depthwise_max_channels is None else
+              ["--conv2d_depthwise_max_channels="
+               f"{_FLAGS.conv2d_depthwise_max_channels}"])
+
+
+def _run_tagged(argv, what):
+  """Runs `python -m launch.benchmark_speed argv` and returns its tagged
+  JSON line (None on failure, logged)."""
+  argv = [sys.executable, "-m", "launch.benchmark_speed"] + argv
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(argv, cwd=root, env=env, capture_output=True,
+                        text=True, check=False)
+  for line in done.stdout.splitlines():
+    if line.startswith(_MEMORY_TAG):
+      return json.loads(line[len(_MEMORY_TAG):])
+  logging.error("memory subprocess for %s failed (exit %d):\n%s", what,
+                done.returncode, done.stderr[-3000:])
+  return None
+
+
+def memory_sweep(batch_sizes, physical_batch_size):
+  """Per logical batch size: the sweep point at P and (--sweep_unsplit)
+  unsplit, on the same padded rows (a multiple of P). Returns (rows of
+  results, markdown)."""
+  results = []
+  for b in batch_sizes:
+    rows = capacity(b, physical_batch_size)
+    for p in ([physical_batch_size, None] if _FLAGS.sweep_unsplit else
+              [physical_batch_size]):
+      start = time.perf_counter()
+      r = _run_tagged(
+          [f"--sweep_batch={b}", f"--sweep_capacity={rows}"] +
+          ([] if p is None else [f"--physical_batch_size={p}"]) +
+          _passthrough_flags(), f"B={b}, P={p}")
+      r = r or dict(batch_size=b, physical_batch_size=p, rows=rows)
+      r["wall_s"] = time.perf_counter() - start
+      logging.info("sweep B=%d P=%s: %s", b, p, r)
+      results.append(r)
+  return results, sweep_table(results, physical_batch_size)
+
+
+def sweep_table(results, physical_batch_size):
+  gpu = any(r.get("gpu_peak_mb") is not None for r in results)
+  cols = ["peak RSS MB", "+MB"] + (["GPU peak MB"] if gpu else []) + [
+      "step ms"]
+  groups = [f"P={physical_batch_size}"] + (
+      ["unsplit"] if _FLAGS.sweep_unsplit else [])
+  head = ["logical B", "padded rows", "input batch MB"] + [
+      f"{g} {c}" for g in groups for c in cols]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  by = {(r["batch_size"], r["physical_batch_size"]): r for r in results}
+  for b in sorted({r["batch_size"] for r in results}):
+    first = by[(b, physical_batch_size)]
+    cells = [str(b), str(first["rows"]),
+             _fmt(first.get("input_batch_mb"), ".1f")]
+    for p in [physical_batch_size] + ([None] if _FLAGS.sweep_unsplit else []):
+      r = by[(b, p)]
+      cells += [_fmt(r.get("peak_rss_mb"), ".0f"),
+                _fmt(r.get("rss_increase_mb"), ".0f")]
+      if gpu:
+        cells.append(_fmt(r.get("gpu_peak_mb"), ".0f"))
+      cells.append(_fmt(r.get("step_ms"), ".0f"))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# -- XLA comparison ----------------------------------------------------------
+
+
+def xla_compare(names):
+  """--xla_method (tdp_private or sgd) with jit_compile=True ("xla") vs
+  False ("graph") on each Keras 3 model, alternating, on one static padded
+  batch."""
+  keras3 = keras_module("3")
+  p = _FLAGS.physical_batch_size
+  rows = capacity(_FLAGS.batch_size)
+  method = _FLAGS.xla_method
+  lines = [f"Keras 3 ({keras3.__version__}), {method}, batch "
+           f"{_FLAGS.batch_size} padded to {rows} rows, physical_batch_size="
+           f"{p}, mixed_precision={_FLAGS.mixed_precision}"
+           f"{_override_note()}; {_FLAGS.steps} alternating rounds\n",
+           "| model | XLA step / graph step (median [IQR]) | graph ms | XLA "
+           "ms | warm-up s graph / XLA | traces graph / XLA |",
+           "|---|---|---|---|---|---|"]
+  results = {}
+  for name in names:
+    builder, kind = MODELS[name]
+    base = builder(keras3, _FLAGS.seed)
+    data = padded_batch(*model_batch(kind, _FLAGS.batch_size, _FLAGS.seed),
+                        rows)
+    try:
+      steppers = run_timing(["graph", "xla"], lambda m: Stepper(
+          method, base, data, _FLAGS.seed, jit_compile=(m == "xla"),
+          physical_batch_size=p))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("%s failed", name)
+      lines.append(f"| {name} | failed: {_first_line(e)} | | | | |")
+      continue
+    _check_traces(name, steppers)
+    if not steppers["xla"].model.jit_compile:
+      logging.error("%s: Keras turned jit_compile off (a layer does not "
+                    "support XLA)", name)
+    r = summarize(steppers, reference="graph")["xla"]
+    results[name] = r
+    g, x = steppers["graph"], steppers["xla"]
+    lines.append(
+        f"| {name} | {r['ratio_median']:.2f}x [{r['ratio_q1']:.2f}, "
+        f"{r['ratio_q3']:.2f}] | {1e3 * np.median(g.times):.1f} | "
+        f"{r['median_ms']:.1f} | {g.warmup_s:.0f} / {x.warmup_s:.0f} | "
+        f"{g.warmup_traces}+{g.traces - g.warmup_traces} / "
+        f"{x.warmup_traces}+{x.traces - x.warmup_traces} |")
+    logging.info(lines[-1])
+  return results, "\n".join(lines)
+
 
 def benchmark_models(names, version):
   """sgd vs the DP method of Keras `version` on each model (alternating);
   one row per model."""
   keras_ = keras_module(version)
   dp = MODEL_SET_DP[version]
+  p = _FLAGS.physical_batch_size if version == "3" else None
   rows = [f"Keras {version} ({keras_.__name__} {keras_.__version__}), DP: "
-          f"{dp}\n",
+          f"{dp}; {settings(p)}\n",
           "| model | DP step / SGD step (median [IQR]) | SGD step ms | DP step "
           "ms | samplers | target |", "|---|---|---|---|---|---|"]
   for name in names:
     builder, kind = MODELS[name]
-    x, y = model_batch(kind, _FLAGS.batch_size, _FLAGS.seed)
     base = builder(keras_, _FLAGS.seed)
-    steppers = run_timing(["sgd", dp], base, x, y)
+    data = model_batch(kind, _FLAGS.batch_size, _FLAGS.seed)
+    if _FLAGS.jit_compile:
+      data = padded_batch(*data, capacity(_FLAGS.batch_size))
+    try:
+      steppers = run_timing(["sgd", dp], lambda m: Stepper(
+          m, base, data, _FLAGS.seed, jit_compile=_FLAGS.jit_compile,
+          physical_batch_size=p))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("%s failed", name)
+      rows.append(f"| {name} | failed: {_first_line(e)} | | | | |")
+      continue
+    _check_traces(name, steppers)
     result = summarize(steppers)[dp]
     dp_model = steppers[dp].model
     samplers = sorted({s.split(":")[0] for _, _, s in tdp.pruning.report(
@@ -656,15 +1155,121 @@ def benchmark_models(names, version):
   return "\n".join(rows)
 
 
+def _model_names():
+  names = (list(MODELS) if _FLAGS.models in (None, ["all"]) else
+           _FLAGS.models)
+  unknown = sorted(set(names) - set(MODELS))
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; known: "
+                         f"{', '.join(MODELS)}")
+  return names
+
+
+def check_flags():
+  """Refuses flag combinations a mode would ignore; returns the mode:
+  "point" (internal), "sweep", "xla", "models" or "default"."""
+  modes = [m for m, on in (("point", _FLAGS.sweep_batch is not None),
+                           ("sweep", bool(_FLAGS.memory_sweep)),
+                           ("xla", _FLAGS.xla_compare)) if on]
+  if len(modes) > 1:
+    raise app.UsageError(f"one mode at a time; got {modes}")
+  mode = modes[0] if modes else ("models" if _FLAGS.models else "default")
+  if mode != "default" and _FLAGS.memory_only:
+    raise app.UsageError("--memory_only belongs to the default mode")
+  p = _FLAGS.physical_batch_size
+  if p is not None and p < 1:
+    raise app.UsageError(f"--physical_batch_size={p} must be >= 1")
+  if mode == "default" and (p is not None or _FLAGS.jit_compile or
+                            _FLAGS.mixed_precision != "none" or
+                            _FLAGS.conv2d_depthwise_max_channels is not None):
+    raise app.UsageError(
+        "--physical_batch_size, --jit_compile, --mixed_precision and "
+        "--conv2d_depthwise_max_channels belong to the --models, "
+        "--xla_compare and --memory_sweep modes")
+  if mode == "xla" and _FLAGS.jit_compile:
+    raise app.UsageError("--xla_compare times jit_compile=True against "
+                         "False itself; drop --jit_compile")
+  if mode == "models" and p is not None and _FLAGS.keras == "2":
+    raise app.UsageError("--physical_batch_size applies to tdp.make_private "
+                         "(--keras=3 or both); Keras 2's tdp_nomask is the "
+                         "optimizer path")
+  if mode == "point" and _FLAGS.sweep_capacity is None:
+    raise app.UsageError("--sweep_batch needs --sweep_capacity")
+  if mode == "sweep":
+    try:
+      sizes = [int(b) for b in _FLAGS.memory_sweep]
+    except ValueError as e:
+      raise app.UsageError(f"--memory_sweep={_FLAGS.memory_sweep}: "
+                           "integers expected") from e
+    if any(b < 1 for b in sizes):
+      raise app.UsageError(f"--memory_sweep={sizes}: sizes must be >= 1")
+  if _FLAGS.memory_model not in MODELS:
+    raise app.UsageError(f"--memory_model={_FLAGS.memory_model!r}; known: "
+                         f"{', '.join(MODELS)}")
+  return mode
+
+
+def _write_json(payload):
+  if _FLAGS.output_json:
+    with open(_FLAGS.output_json, "w") as f:
+      json.dump(payload, f, indent=1)
+    logging.info("wrote %s", _FLAGS.output_json)
+
+
 def main(argv):
   del argv
-  if _FLAGS.models:
-    names = list(MODELS) if _FLAGS.models == ["all"] else _FLAGS.models
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-      raise app.UsageError(f"--models: unknown {unknown}; known: "
-                           f"{', '.join(MODELS)}")
-    env = environment()
+  mode = check_flags()
+  if _FLAGS.conv2d_depthwise_max_channels is not None:
+    # pylint: disable=g-import-not-at-top
+    from tfdpprune.core.samplers import dense as dense_samplers
+    dense_samplers.Conv2DSampler.DEPTHWISE_MAX_CHANNELS = (
+        _FLAGS.conv2d_depthwise_max_channels)
+  if mode != "default":
+    set_precision(_FLAGS.mixed_precision)
+  if mode == "point":
+    result = measure_sweep_point_here(_FLAGS.sweep_batch,
+                                      _FLAGS.sweep_capacity)
+    print(_MEMORY_TAG + json.dumps(result), flush=True)
+    return
+  if not _FLAGS.memory_only:
+    print(device_summary(), flush=True)
+  env = environment()
+  if mode == "sweep":
+    p = _FLAGS.physical_batch_size or 256
+    sizes = [int(b) for b in _FLAGS.memory_sweep]
+    start = time.perf_counter()
+    results, table = memory_sweep(sizes, p)
+    wall = time.perf_counter() - start
+    source = (f"Poisson batches of N={_FLAGS.num_examples}"
+              if _FLAGS.sweep_input == "poisson" else "one fixed batch")
+    print(f"\nPeak memory of {_FLAGS.memory_steps} + 1 DP steps, Keras 3 "
+          f"tdp_private on {_FLAGS.memory_model} ({source}, padded to a "
+          f"multiple of P={p}), "
+          f"jit_compile={_FLAGS.jit_compile}, mixed_precision="
+          f"{_FLAGS.mixed_precision}{_override_note()}; one subprocess per "
+          "cell; "
+          f"{env['cpu_count']} CPUs, TF {env['tensorflow']}; "
+          f"{wall:.0f} s in all\n")
+    print(table)
+    print()
+    _write_json(dict(mode="memory_sweep", physical_batch_size=p,
+                     environment=env, device=device_summary(),
+                     wall_seconds=wall, results=results))
+    return
+  if mode == "xla":
+    start = time.perf_counter()
+    results, table = xla_compare(_model_names())
+    wall = time.perf_counter() - start
+    print(f"\n{env['cpu_count']} CPUs, TF {env['tensorflow']}; {wall:.0f} "
+          "s in all\n")
+    print(table)
+    print()
+    _write_json(dict(mode="xla_compare", environment=env,
+                     device=device_summary(), wall_seconds=wall,
+                     results=results))
+    return
+  if mode == "models":
+    names = _model_names()
     print(f"\nbatch {_FLAGS.batch_size}; {env['cpu_count']} CPUs; TF "
           f"{env['tensorflow']}; {_FLAGS.steps} alternating rounds\n")
     for version in ("2", "3") if _FLAGS.keras == "both" else (_FLAGS.keras,):
@@ -688,7 +1293,8 @@ def main(argv):
   logging.info("environment: %s", env)
 
   start = time.perf_counter()
-  steppers = run_timing(methods, base, x, y)
+  steppers = run_timing(methods, lambda m: Stepper(m, base, (x, y),
+                                                   _FLAGS.seed))
   results = summarize(steppers)
   timing_s = time.perf_counter() - start
   del steppers

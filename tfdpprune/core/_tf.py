@@ -45,5 +45,17 @@ with quiet_native_stderr():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib  # pylint: disable=g-import-not-at-top
 
+
+def in_xla_context() -> bool:
+  """Whether the graph being traced will be compiled by XLA (a
+  `jit_compile=True` function, or inside one): some ops that are fast in
+  TensorFlow's own kernels are rewritten badly by XLA on CPU."""
+  from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+  if tf.executing_eagerly():
+    return False
+  return bool(control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph()))
+
+
 __all__ = ["tf", "quiet_native_stderr", "TF_LOGS_ENV",
-           "compute_dp_sgd_privacy_lib"]
+           "compute_dp_sgd_privacy_lib", "in_xla_context"]
